@@ -1,0 +1,209 @@
+"""Python configs, big_vision style.
+
+An experiment config file defines `get_config(arg=None)`. `arg` is a preset name optionally followed
+by `key=value` options, e.g. `tiny` or `tiny,steps=50`. On the command line:
+
+    python -m experiments.pretrain --config=experiments/configs/pretrain.py:tiny \
+        --workdir=DIR --config.train.steps=200
+
+Unknown keys and wrong types are refused by `ml_collections.config_flags` (the config is locked);
+impossible values are refused by `validate`, which names the key. Both happen before any work.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Runs every experiment on the embedded corpus on 2 CPU cores in minutes.
+    "tiny": dict(d_model=128, num_layers=2, num_heads=4, mlp_dim=512, vocab_size=2048,
+                 max_seq_len=256),
+    # Pythia-160M / 410M / 1B shapes (as in MATES); GELU MLP, untied embeddings like Pythia.
+    "small": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, vocab_size=50304,
+                  max_seq_len=2048, mlp="gelu", tie_embeddings=False),
+    "410m": dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096, vocab_size=50304,
+                 max_seq_len=2048, mlp="gelu", tie_embeddings=False),
+    "1b": dict(d_model=2048, num_layers=16, num_heads=8, mlp_dim=8192, vocab_size=50304,
+               max_seq_len=2048, mlp="gelu", tie_embeddings=False),
+}
+
+PRESET_SCALE: dict[str, dict[str, Any]] = {
+    "tiny": dict(seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30),
+    "small": dict(seq_len=1024, batch_size=256, steps=20_000, lr=6e-4, warmup_steps=1000),
+    "410m": dict(seq_len=1024, batch_size=512, steps=50_000, lr=3e-4, warmup_steps=2000),
+    "1b": dict(seq_len=1024, batch_size=512, steps=100_000, lr=2e-4, warmup_steps=2000),
+}
+
+# Logical axis name -> mesh axes. Parameters are FSDP-sharded on their largest axis and
+# tensor-sharded on the head / MLP axis; activations are sharded on batch.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+def parse_arg(arg: str | None, default_preset: str = "tiny") -> tuple[str, dict[str, str]]:
+    """`"tiny,steps=50"` -> `("tiny", {"steps": "50"})`."""
+    parts = [p for p in (arg or "").split(",") if p]
+    preset = default_preset
+    options: dict[str, str] = {}
+    for part in parts:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            options[key.strip()] = value.strip()
+        else:
+            preset = part.strip()
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"config arg: unknown preset {preset!r}; choose one of "
+                         f"{sorted(MODEL_PRESETS)}")
+    return preset, options
+
+
+def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    """The sections every experiment shares: data, model, mesh, optim, train."""
+    scale = PRESET_SCALE[preset]
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.preset = preset
+    c.init_from = ""  # Workdir of another run whose params start this one.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "local"  # jsonl | text | tfds | local | synthetic
+    c.data.paths = ""  # jsonl: comma-separated files or globs; text: the folder.
+    c.data.text_field = "text"
+    c.data.domain_field = ""  # jsonl: field naming the domain; empty -> one domain.
+    c.data.tfds_name = ""  # e.g. "wikipedia/20230601.en".
+    c.data.tfds_split = "train"
+    c.data.tfds_data_dir = ""
+    c.data.max_docs = 0  # Per domain; 0 = all.
+    c.data.heldout_fraction = 0.05
+    c.data.seq_len = scale["seq_len"]
+    c.data.tokenizer = ""  # Path to a tokenizer.json; empty -> train a BPE on the train split.
+    c.data.cache_dir = ""  # Empty -> $JAXSEL_CACHE or ~/.cache/jaxsel.
+    c.data.synthetic_docs_per_domain = 200
+
+    c.model = ml_collections.ConfigDict(dict(
+        d_model=128, num_layers=2, num_heads=4, mlp_dim=512, vocab_size=2048, max_seq_len=256,
+        mlp="gated", tie_embeddings=True, rope_theta=10_000.0, param_dtype="float32",
+        dtype="float32", remat=False))
+    c.model.update(MODEL_PRESETS[preset])
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all the rest.
+    c.sharding_rules = json.dumps(DEFAULT_RULES)
+
+    c.optim = ml_collections.ConfigDict(dict(
+        schedule="cosine", lr=scale["lr"], warmup_steps=scale["warmup_steps"],
+        decay_fraction=0.2,  # wsd: fraction of steps spent decaying.
+        min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=scale["steps"], batch_size=scale["batch_size"], log_every=10,
+        checkpoint_every=100, keep_checkpoints=2, eval_every=0, eval_batches=8))
+    return c
+
+
+def apply_options(config: ml_collections.ConfigDict, options: dict[str, str]) -> None:
+    """Applies `key=value` options from the config arg; a short key matches a unique leaf."""
+    leaves = _leaf_paths(config)
+    for key, raw in options.items():
+        matches = [p for p in leaves if p == key or p.endswith("." + key)]
+        if len(matches) != 1:
+            raise ValueError(f"config arg option {key!r}: matches {matches or 'no key'}; "
+                             f"use a full dotted key")
+        *parents, leaf = matches[0].split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        old = node[leaf]
+        node[leaf] = type(old)(raw) if not isinstance(old, bool) else raw.lower() in ("1", "true")
+
+
+def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in config.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            out += _leaf_paths(v, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Resolves `mesh.data == -1` to the devices left over, and checks the product."""
+    shape = {k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")}
+    for k, v in shape.items():
+        _check(v == -1 or v >= 1, f"mesh.{k}", f"must be >= 1 or -1, got {v}")
+    _check(shape["fsdp"] != -1 and shape["tensor"] != -1, "mesh",
+           "only mesh.data may be -1")
+    if shape["data"] == -1:
+        rest = shape["fsdp"] * shape["tensor"]
+        _check(num_devices % rest == 0, "mesh",
+               f"fsdp*tensor={rest} does not divide the {num_devices} devices")
+        shape["data"] = num_devices // rest
+    total = shape["data"] * shape["fsdp"] * shape["tensor"]
+    _check(total == num_devices, "mesh",
+           f"data*fsdp*tensor={total} but there are {num_devices} devices")
+    return shape
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Refuses impossible values before any work; every message names the key."""
+    m, t, o, d = config.model, config.train, config.optim, config.data
+    _check(d.source in ("jsonl", "text", "tfds", "local", "synthetic"), "data.source",
+           f"{d.source!r} is not one of jsonl, text, tfds, local, synthetic")
+    _check(d.source not in ("jsonl", "text") or bool(d.paths), "data.paths",
+           f"required for data.source={d.source!r}")
+    _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
+           "required for data.source='tfds'")
+    _check(0.0 < d.heldout_fraction < 1.0, "data.heldout_fraction",
+           f"must be in (0, 1), got {d.heldout_fraction}")
+    _check(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
+    _check(d.seq_len <= m.max_seq_len, "data.seq_len",
+           f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    for key in ("d_model", "num_layers", "num_heads", "mlp_dim", "vocab_size"):
+        _check(m[key] >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
+    _check(m.d_model % m.num_heads == 0, "model.num_heads",
+           f"{m.num_heads} does not divide model.d_model={m.d_model}")
+    _check((m.d_model // m.num_heads) % 2 == 0, "model.num_heads",
+           "head dimension must be even for RoPE")
+    _check(m.mlp in ("gated", "gelu"), "model.mlp", f"{m.mlp!r} is not one of gated, gelu")
+    for key in ("param_dtype", "dtype"):
+        _check(m[key] in ("float32", "bfloat16", "float16"), f"model.{key}",
+               f"{m[key]!r} is not one of float32, bfloat16, float16")
+    _check(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule",
+           f"{o.schedule!r} is not one of cosine, wsd, constant")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 disables), got {o.clip}")
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+        _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+    shape = mesh_shape(config, num_devices)
+    batch_shards = shape["data"] * shape["fsdp"]
+    _check(t.batch_size % batch_shards == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by the batch-parallel size "
+           f"mesh.data*mesh.fsdp={batch_shards}")
+    _check(m.num_heads % shape["tensor"] == 0, "mesh.tensor",
+           f"{shape['tensor']} does not divide model.num_heads={m.num_heads}")
