@@ -37,6 +37,8 @@ PRESET_SCALE: dict[str, dict[str, Any]] = {
     "1b": dict(seq_len=1024, batch_size=512, steps=100_000, lr=2e-4, warmup_steps=2000),
 }
 
+SOURCES = ("jsonl", "parquet", "text", "tfds", "local", "synthetic")
+
 # Logical axis name -> mesh axes. Parameters are FSDP-sharded on their largest axis and
 # tensor-sharded on the head / MLP axis; activations are sharded on batch.
 DEFAULT_RULES = (
@@ -76,8 +78,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""  # Workdir of another run whose params start this one.
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "local"  # jsonl | text | tfds | local | synthetic
-    c.data.paths = ""  # jsonl: comma-separated files or globs; text: the folder.
+    c.data.source = "local"  # One of SOURCES.
+    c.data.paths = ""  # jsonl / parquet: comma-separated files or globs; text: the folder.
     c.data.text_field = "text"
     c.data.domain_field = ""  # jsonl: field naming the domain; empty -> one domain.
     c.data.tfds_name = ""  # e.g. "wikipedia/20230601.en".
@@ -167,9 +169,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Refuses impossible values before any work; every message names the key."""
     m, t, o, d = config.model, config.train, config.optim, config.data
-    _check(d.source in ("jsonl", "text", "tfds", "local", "synthetic"), "data.source",
-           f"{d.source!r} is not one of jsonl, text, tfds, local, synthetic")
-    _check(d.source not in ("jsonl", "text") or bool(d.paths), "data.paths",
+    _check(d.source in SOURCES, "data.source", f"{d.source!r} is not one of {', '.join(SOURCES)}")
+    _check(d.source not in ("jsonl", "parquet", "text") or bool(d.paths), "data.paths",
            f"required for data.source={d.source!r}")
     _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
            "required for data.source='tfds'")

@@ -1,0 +1,57 @@
+"""Next-token losses over packed sequences.
+
+A position predicts the next token only when both belong to the same (non-padding) document, so no
+loss crosses a document boundary. Losses are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+Batch = dict[str, Array]  # tokens [B, L] int32, segments [B, L] int32 (0 = padding)
+
+
+def next_token_targets(tokens_BxL: Array, segments_BxL: Array) -> tuple[Array, Array]:
+    """targets[b, t] = tokens[b, t + 1]; mask[b, t] says that the pair is inside one document."""
+    targets_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))
+    next_segments = jnp.pad(segments_BxL[:, 1:], ((0, 0), (0, 1)))
+    mask_BxL = (segments_BxL > 0) & (next_segments == segments_BxL)
+    return targets_BxL, mask_BxL
+
+
+def token_losses(logits_BxLxV: Array, tokens_BxL: Array, segments_BxL: Array
+                 ) -> tuple[Array, Array]:
+    """Cross-entropy of each next-token prediction (0 where masked) and the float mask."""
+    targets_BxL, mask_BxL = next_token_targets(tokens_BxL, segments_BxL)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL)
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    return losses * mask_BxL, mask_BxL
+
+
+def sequence_losses(logits_BxLxV: Array, tokens_BxL: Array, segments_BxL: Array) -> Array:
+    """Mean token loss of each sequence, [B] (0 for a sequence with no target)."""
+    losses_BxL, mask_BxL = token_losses(logits_BxLxV, tokens_BxL, segments_BxL)
+    return losses_BxL.sum(-1) / jnp.maximum(mask_BxL.sum(-1), 1.0)
+
+
+def make_loss_fn(model: nn.Module) -> Callable[[dict, Batch], tuple[Array, dict]]:
+    """`loss_fn(params, batch) -> (mean token loss, aux)`: the training objective.
+
+    The mean is over all target tokens of the batch (token-weighted, as in standard LM training).
+    """
+
+    def loss_fn(params, batch: Batch):
+        logits = model.apply(params, batch["tokens"], batch["segments"])
+        losses_BxL, mask_BxL = token_losses(logits, batch["tokens"], batch["segments"])
+        num_tokens = mask_BxL.sum()
+        loss = losses_BxL.sum() / jnp.maximum(num_tokens, 1.0)
+        return loss, {"num_tokens": num_tokens, "loss_sum": losses_BxL.sum()}
+
+    return loss_fn

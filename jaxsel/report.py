@@ -1,0 +1,90 @@
+"""What every experiment writes into its workdir: config.json, report.json, report.md, figures.
+
+Files are written atomically (temp file + rename), so a killed run never leaves half a result.
+A workdir belongs to one config: running again with the same config resumes, with another config
+it stops and names the keys that differ, and a finished run (report.json present) is not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+from collections.abc import Sequence
+
+import ml_collections
+from absl import logging
+
+
+def quiet_library_logs() -> None:
+    """Keeps orbax's per-save INFO chatter out of the run log (its warnings still show)."""
+
+    def keep(record) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+    logging.get_absl_handler().addFilter(keep)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+    """Claims `workdir` for `config`; returns the finished report if the run is already done.
+
+    Raises if the workdir holds a run of another config (naming the differing keys).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        previous = read_json(path)
+        diff = sorted(_diff(previous, resolved))
+        if diff:
+            raise ValueError(f"workdir {workdir} holds a run with another config (keys differ: "
+                             f"{', '.join(diff)}); use a new --workdir")
+    else:
+        write_json(path, resolved)
+    report = os.path.join(workdir, "report.json")
+    return read_json(report) if os.path.exists(report) else None
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(x):
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def finish(workdir: str, report: dict, markdown: str) -> None:
+    """Writes report.md, then report.json last: its presence marks the run as finished."""
+    write_text(os.path.join(workdir, "report.md"), markdown)
+    write_json(os.path.join(workdir, "report.json"), report)

@@ -1,0 +1,244 @@
+"""Train state, optimizer, the jitted train step and the training loop.
+
+`train_step(state, batch, model, tx)` is a pure function; `Trainer` jits it once with the state's
+shardings (parameters by logical names, batch over data x fsdp) and donates the old state. The loop
+resumes from `<workdir>/checkpoints` (params, optimizer, step and the grain iterator state) and logs
+to `<workdir>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from jaxsel import checkpoint, loss, sharding
+from jaxsel.model.transformer import ModelConfig, Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """cosine (warmup, cosine to min), wsd (warmup, stable, linear decay), or constant."""
+    lr, warmup = optim.lr, min(optim.warmup_steps, total_steps)
+    end = lr * optim.min_lr_ratio
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                                  end)
+    warm = optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
+    if optim.schedule == "constant":
+        return optax.join_schedules([warm, optax.constant_schedule(lr)], [warmup])
+    decay_steps = max(1, int(round(optim.decay_fraction * total_steps)))
+    stable_end = max(warmup, total_steps - decay_steps)
+    return optax.join_schedules(
+        [warm, optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay_steps)],
+        [warmup, stable_end])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping; weight decay on matrices only (not norms)."""
+    schedule = make_schedule(optim, total_steps)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                        weight_decay=optim.weight_decay, mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip), adamw) if optim.clip > 0 else adamw
+    return tx, schedule
+
+
+def train_step(state: TrainState, batch: loss.Batch, model: nn.Module,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One AdamW step on the batch's mean token loss."""
+    (value, aux), grads = jax.value_and_grad(loss.make_loss_fn(model), has_aux=True)(
+        state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads),
+               "num_tokens": aux["num_tokens"]}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+class Trainer:
+    """Everything a run needs that follows from its config: model, optimizer, mesh, shardings and
+    the jitted step functions. Pure functions underneath; this only holds them together."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+        self.config = config
+        self.mesh = sharding.make_mesh(config) if mesh is None else mesh
+        self.model = Transformer(ModelConfig.from_config(config.model))
+        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        self.rules = sharding.logical_rules(config)
+        boxed_params = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        self.param_shardings = sharding.logical_shardings(boxed_params, self.mesh, self.rules)
+        abstract_params = nn.unbox(boxed_params)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        # Optimizer moments follow the params' shardings; scalars (counts) are replicated.
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: sharding.replicated(self.mesh))
+        self.state_shardings = TrainState(sharding.replicated(self.mesh), self.param_shardings,
+                                          opt_shardings)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt),
+            self.state_shardings)
+        batch_shardings = {"tokens": sharding.batch_sharding(self.mesh),
+                           "segments": sharding.batch_sharding(self.mesh)}
+        self.train_step = jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx),
+            in_shardings=(self.state_shardings, batch_shardings),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+            donate_argnums=0)
+        self.sequence_losses = jax.jit(
+            self._sequence_losses, in_shardings=(self.param_shardings, batch_shardings),
+            out_shardings=sharding.replicated(self.mesh))
+
+    def _init_boxed(self, rng):
+        """Params with their logical axis names (shapes do not depend on the sequence length)."""
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        return self.model.init(rng, tokens, jnp.ones_like(tokens))
+
+    def _sequence_losses(self, params, batch):
+        """[B, 2]: the sum of token losses and the number of target tokens of each sequence."""
+        logits = self.model.apply(params, batch["tokens"], batch["segments"])
+        losses_BxL, mask_BxL = loss.token_losses(logits, batch["tokens"], batch["segments"])
+        return jnp.stack([losses_BxL.sum(-1), mask_BxL.sum(-1)], axis=-1)
+
+    def init_params(self, seed: int):
+        init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
+                       out_shardings=self.param_shardings)
+        return init(jax.random.key(seed))
+
+    def new_state(self, params) -> TrainState:
+        """A fresh optimizer on the given params (a new run, or continued pretraining)."""
+        make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
+                       in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)
+        return make(params)
+
+    def abstract_params(self):
+        return self.abstract_state.params
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict],
+        trainer: Trainer | None = None, evaluate_fn=None) -> dict:
+    """The training loop. `batches` is a grain iterator over this process's slice of each global
+    batch; its state is checkpointed beside the model so a resumed run sees the same data.
+
+    Resumes from the latest checkpoint in `workdir`; otherwise starts from `config.init_from`'s
+    params or a fresh init. `evaluate_fn(params, step) -> dict` runs every `train.eval_every`
+    steps (its numbers go to metrics.jsonl). Returns the last logged loss and the step count.
+    """
+    trainer = trainer or Trainer(config)
+    t = config.train
+    mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
+    state = _initial_state(config, trainer, mngr, batches)
+    start = int(state.step)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0:
+        _truncate_metrics(metrics_path, start)
+    tokens_per_step = t.batch_size * config.data.seq_len
+    pending: list[tuple[int, dict]] = []
+    last_loss = float("nan")
+    clock = time.perf_counter()
+    clock_step = start
+    for step in range(start + 1, t.steps + 1):
+        batch = sharding.global_batch(next(batches), trainer.mesh)
+        state, metrics = trainer.train_step(state, {"tokens": batch["tokens"],
+                                                    "segments": batch["segments"]})
+        pending.append((step, metrics))
+        log_now = step % t.log_every == 0 or step == t.steps
+        save_now = step % t.checkpoint_every == 0 or step == t.steps
+        eval_now = t.eval_every and step % t.eval_every == 0
+        if not (log_now or save_now or eval_now):
+            continue
+        # One host sync per interval: fetch the losses, refuse to save a non-finite state.
+        rows = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}}
+                for s, m in pending]
+        pending = []
+        bad = [r["step"] for r in rows if not np.isfinite(r["loss"])]
+        if bad:
+            _drop_bad_checkpoints(mngr, bad[0])
+            raise FloatingPointError(
+                f"non-finite loss at step {bad[0]}; the last good checkpoint is step "
+                f"{mngr.latest_step()} in {workdir}/checkpoints")
+        last_loss = rows[-1]["loss"]
+        now = time.perf_counter()
+        steps_per_s = (step - clock_step) / max(now - clock, 1e-9)
+        clock, clock_step = now, step
+        row = {**rows[-1], "lr": float(trainer.schedule(step - 1)), "steps_per_s": steps_per_s,
+               "tokens_per_s": steps_per_s * tokens_per_step}
+        if eval_now and evaluate_fn is not None:
+            row["eval"] = evaluate_fn(state.params, step)
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if log_now:
+            eta = (t.steps - step) / max(steps_per_s, 1e-9)
+            logging.info("step %d/%d loss %.4f lr %.2e %.2f steps/s %.0f tokens/s ETA %s",
+                         step, t.steps, last_loss, row["lr"], steps_per_s, row["tokens_per_s"],
+                         _format_seconds(eta))
+        if save_now:
+            checkpoint.save(mngr, step, state.params, state.opt_state,
+                            {"step": step, "data": batches.get_state()})
+    mngr.wait_until_finished()
+    mngr.close()
+    return {"final_loss": last_loss, "steps": t.steps, "state": state, "trainer": trainer}
+
+
+def _initial_state(config, trainer: Trainer, mngr, batches) -> TrainState:
+    if mngr.latest_step() is not None:
+        params, opt_state, meta = checkpoint.restore(
+            mngr, trainer.abstract_state.params, trainer.abstract_state.opt_state)
+        batches.set_state(meta["data"])
+        logging.info("resumed from step %d", meta["step"])
+        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32),
+                              trainer.state_shardings.step)
+        return TrainState(step, params, opt_state)
+    if config.init_from:
+        params = checkpoint.load_params(config.init_from, trainer.abstract_params())
+        logging.info("continued pretraining from %s", config.init_from)
+    else:
+        params = trainer.init_params(config.seed)
+    return trainer.new_state(params)
+
+
+def _drop_bad_checkpoints(mngr, bad_step: int) -> None:
+    """The loss of step s is computed with the params saved at step s - 1, so a non-finite loss
+    at `bad_step` condemns the checkpoint of `bad_step - 1` (and any later one)."""
+    mngr.wait_until_finished()
+    for step in mngr.all_steps():
+        if step >= bad_step - 1:
+            mngr.delete(step)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops rows logged after `step` (a resumed run will log them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -1,0 +1,76 @@
+"""The transformer: causality, document isolation inside packed rows, positions, FLOP count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsel.model.transformer import (
+    ModelConfig,
+    Transformer,
+    matmul_flops_per_token,
+    positions_from_segments,
+)
+
+CFG = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_seq_len=32)
+
+
+@pytest.fixture(scope="module", params=["gated", "gelu"])
+def model_and_params(request):
+    cfg = ModelConfig(**{**CFG.__dict__, "mlp": request.param,
+                         "tie_embeddings": request.param == "gated"})
+    model = Transformer(cfg)
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    params = model.init(jax.random.key(0), tokens, jnp.ones_like(tokens))
+    return model, params
+
+
+def _logits(model, params, tokens, segments):
+    return np.asarray(model.apply(params, jnp.asarray([tokens]), jnp.asarray([segments]))[0])
+
+
+def test_positions_restart_at_each_document():
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(positions_from_segments(segments)[0], [0, 1, 2, 0, 1, 0, 0, 1])
+
+
+def test_future_token_changes_no_earlier_logit(model_and_params):
+    model, params = model_and_params
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 97, 16)
+    segments = np.ones(16, np.int32)
+    base = _logits(model, params, tokens, segments)
+    changed = tokens.copy()
+    changed[10] = (changed[10] + 1) % 97
+    after = _logits(model, params, changed, segments)
+    np.testing.assert_allclose(after[:10], base[:10], atol=1e-6)
+    assert np.abs(after[10:] - base[10:]).max() > 1e-4  # The change is seen from there on.
+
+
+def test_other_document_changes_no_logit(model_and_params):
+    """Changing document 1 of a packed row changes no logit of documents 2 and 3 in it, and a
+    document's logits equal those of the same document alone in its own row."""
+    model, params = model_and_params
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 97, 16)
+    segments = np.asarray([1] * 5 + [2] * 6 + [3] * 3 + [0] * 2, np.int32)
+    base = _logits(model, params, tokens, segments)
+    changed = tokens.copy()
+    changed[:5] = rng.integers(0, 97, 5)
+    after = _logits(model, params, changed, segments)
+    np.testing.assert_allclose(after[5:14], base[5:14], atol=1e-5)
+    alone = _logits(model, params, tokens[5:11], np.ones(6, np.int32))
+    np.testing.assert_allclose(base[5:11], alone, atol=1e-5)
+
+
+def test_flops_per_token_counts_every_matmul():
+    """Independent count from the parameter shapes: 2 FLOPs per weight per token, plus QK^T and
+    AV (2 * L * d each per token per layer) and the LM head."""
+    cfg = ModelConfig(vocab_size=100, d_model=16, num_layers=3, num_heads=2, mlp_dim=40,
+                      max_seq_len=64, tie_embeddings=True)
+    params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                   jnp.ones((1, 4), jnp.int32))
+    block_weights = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+                        if "block" in jax.tree_util.keystr(path) and x.ndim >= 2)
+    expected = 2 * block_weights + 3 * 2 * 2 * 64 * 16 + 2 * 16 * 100
+    assert matmul_flops_per_token(cfg, 64) == expected

@@ -1,0 +1,120 @@
+"""The pretraining experiment end to end: it learns, it resumes exactly after SIGKILL, it never
+redoes a finished run, and a non-finite loss stops it with the last good checkpoint kept."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from experiments.configs import pretrain as pretrain_config
+from jaxsel import checkpoint, report, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(workdir, cache, *overrides):
+    return [sys.executable, "-m", "experiments.pretrain",
+            "--config=experiments/configs/pretrain.py:tiny", f"--workdir={workdir}",
+            "--config.data.source=synthetic", f"--config.data.cache_dir={cache}",
+            "--config.data.seq_len=64", "--config.model.vocab_size=512",
+            "--config.data.synthetic_docs_per_domain=60", "--config.train.batch_size=8",
+            "--config.train.log_every=2", *overrides]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _params(workdir, overrides):
+    config = pretrain_config.get_config("tiny")
+    config.data.seq_len, config.model.vocab_size, config.train.batch_size = 64, 512, 8
+    config.update_from_flattened_dict(overrides)
+    trainer = train.Trainer(config)
+    params = checkpoint.load_params(str(workdir), trainer.abstract_params())
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_killed_run_resumes_to_the_same_params(tmp_path):
+    steps = ["--config.train.steps=16", "--config.train.checkpoint_every=4"]
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    subprocess.run(_command(straight, cache, *steps), cwd=ROOT, env=_env(), check=True,
+                   timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(killed, cache, *steps), cwd=ROOT, env=_env())
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "8").is_dir():  # Orbax renames a step dir when complete.
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint at step 8"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists()
+    subprocess.run(_command(killed, cache, *steps), cwd=ROOT, env=_env(), check=True,
+                   timeout=600)
+
+    overrides = {"train.steps": 16}
+    a, b = _params(straight, overrides), _params(killed, overrides)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    rows = report.read_jsonl(killed / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))  # No step logged twice.
+    straight_rows = report.read_jsonl(straight / "metrics.jsonl")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+
+
+def test_finished_run_is_not_redone_and_other_config_is_refused(tmp_path):
+    cache, workdir = tmp_path / "cache", tmp_path / "run"
+    run = lambda *o: subprocess.run(  # noqa: E731
+        _command(workdir, cache, "--config.train.steps=4", *o), cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=600)
+    assert run().returncode == 0
+    finished = (workdir / "report.json").read_text()
+    second = run()
+    assert second.returncode == 0 and "already finished" in second.stderr
+    assert (workdir / "report.json").read_text() == finished
+    third = run("--config.optim.lr=0.5")
+    assert third.returncode != 0 and "optim.lr" in third.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cache, workdir = tmp_path / "cache", tmp_path / "run"
+    proc = subprocess.run(
+        _command(workdir, cache, "--config.train.steps=40", "--config.train.checkpoint_every=1",
+                 "--config.optim.lr=1e30", "--config.optim.clip=0.0",
+                 "--config.optim.warmup_steps=5"),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "non-finite loss at step" in proc.stderr
+    saved = sorted(int(os.path.basename(p)) for p in glob.glob(str(workdir / "checkpoints/*"))
+                   if os.path.basename(p).isdigit())
+    bad_step = int(proc.stderr.split("non-finite loss at step ")[1].split(";")[0])
+    # Step 1 runs at lr 0, then the lr explodes. The state saved just before the first non-finite
+    # loss produced it, so it is dropped; the one before it (2 are kept) is the last good one.
+    assert bad_step >= 3 and saved == [bad_step - 2]
+    params = _params(workdir, {"train.steps": 40})
+    assert all(np.isfinite(v).all() for v in params.values())
+    assert not (workdir / "report.json").exists()
+
+
+def test_tiny_pretraining_on_local_corpus_lowers_heldout_loss(tmp_path):
+    workdir = tmp_path / "run"
+    subprocess.run(
+        [sys.executable, "-m", "experiments.pretrain",
+         "--config=experiments/configs/pretrain.py:tiny", f"--workdir={workdir}",
+         f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.max_docs=400",
+         "--config.train.steps=150", "--config.train.eval_every=75"],
+        cwd=ROOT, env=_env(), check=True, timeout=1200)
+    result = report.read_json(workdir / "report.json")
+    vocab = 2048
+    assert set(result) >= {"final_loss", "eval"}
+    assert result["eval"]["all"] < vocab / 20  # Uniform guessing is ~vocab.
+    evals = [r["eval"]["all"] for r in report.read_jsonl(workdir / "metrics.jsonl") if "eval" in r]
+    assert evals[-1] < evals[0]
+    assert (workdir / "report.md").exists() and (workdir / "config.json").exists()

@@ -1,0 +1,96 @@
+"""The train step against an independent loss + AdamW written here, golden values, schedules."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsel import config as config_lib
+from jaxsel import loss, train
+from tests.workers import train_steps
+
+
+def _independent_loss(model, params, tokens, segments):
+    """Mean next-token cross-entropy over pairs inside one document, written from scratch."""
+    logits = model.apply(params, tokens, segments)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    same_doc = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+    return -(target_logp * same_doc).sum() / same_doc.sum()
+
+
+def _numpy_adamw(params, grads, mu, nu, count, optim, lr):
+    """AdamW with global-norm clipping and decoupled weight decay on matrices only."""
+    leaves = jax.tree.leaves(grads)
+    norm = np.sqrt(sum(float((np.asarray(g, np.float64) ** 2).sum()) for g in leaves))
+    scale = min(1.0, optim.clip / norm)
+    new = {}
+    for k in params:
+        g = np.asarray(grads[k], np.float64) * scale
+        mu[k] = optim.b1 * mu[k] + (1 - optim.b1) * g
+        nu[k] = optim.b2 * nu[k] + (1 - optim.b2) * g * g
+        mhat = mu[k] / (1 - optim.b1 ** count)
+        vhat = nu[k] / (1 - optim.b2 ** count)
+        decay = optim.weight_decay * params[k] if params[k].ndim >= 2 else 0.0
+        new[k] = params[k] - lr * (mhat / (np.sqrt(vhat) + optim.eps) + decay)
+    return new
+
+
+def test_train_step_equals_independent_adamw():
+    config = train_steps.tiny_config()
+    # eps well above float32 noise in near-zero gradients, where g / (|g| + eps) is ill-conditioned.
+    config.optim.update(schedule="constant", warmup_steps=0, lr=1e-2, clip=0.5, eps=1e-6)
+    trainer = train.Trainer(config)
+    state = trainer.new_state(trainer.init_params(0))
+    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x, np.float64)  # noqa: E731
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    expected = flat(state.params)
+    mu = {k: np.zeros_like(v) for k, v in expected.items()}
+    nu = {k: np.zeros_like(v) for k, v in expected.items()}
+    for count, batch in enumerate(train_steps.batches(), start=1):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        independent = functools.partial(_independent_loss, trainer.model)
+        expected_loss, grads = jax.value_and_grad(independent)(
+            state.params, batch["tokens"], batch["segments"])
+        state, metrics = trainer.train_step(state, batch)
+        np.testing.assert_allclose(float(metrics["loss"]), float(expected_loss), rtol=1e-6)
+        expected = _numpy_adamw(expected, flat(grads), mu, nu, count, config.optim, 1e-2)
+        got = flat(state.params)
+        for k in expected:
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=2e-6, err_msg=k)
+    assert int(state.step) == train_steps.STEPS
+
+
+def test_golden_losses():
+    """Golden values of the tiny worker run: the first steps' losses, recorded once. A change in
+    initialisation, model, loss or optimizer shows up here."""
+    losses, _ = train_steps.run(train_steps.tiny_config())
+    np.testing.assert_allclose(losses, [5.569185, 5.553215, 5.561719, 5.553469], atol=2e-5)
+
+
+def test_loss_ignores_padding_and_cross_document_pairs():
+    tokens = jnp.asarray([[3, 4, 5, 6, 7, 0]])
+    segments = jnp.asarray([[1, 1, 2, 2, 2, 0]])
+    _, mask = loss.next_token_targets(tokens, segments)
+    np.testing.assert_array_equal(mask[0], [True, False, True, True, False, False])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules_closed_form(schedule):
+    optim = config_lib.base_config("tiny").optim
+    optim.update(schedule=schedule, lr=1.0, warmup_steps=10, min_lr_ratio=0.1,
+                 decay_fraction=0.2)
+    fn, _ = train.make_schedule(optim, 100), None
+    assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(0.5)
+    assert float(fn(10)) == pytest.approx(1.0)
+    if schedule == "cosine":
+        assert float(fn(55)) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
+        assert float(fn(100)) == pytest.approx(0.1)
+    elif schedule == "wsd":
+        assert float(fn(79)) == pytest.approx(1.0)
+        assert float(fn(90)) == pytest.approx(0.55)
+        assert float(fn(100)) == pytest.approx(0.1)
+    else:
+        assert float(fn(99)) == pytest.approx(1.0)
