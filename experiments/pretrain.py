@@ -28,7 +28,7 @@ def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None
         jax.process_index(), jax.process_count()))
     trainer = train.Trainer(config)
     eval_fn = lambda params, step: evaluate.perplexity_by_domain(  # noqa: E731
-        trainer, params, pools["heldout"], config.train.batch_size)
+        trainer, params, pools["heldout"], config.train.batch_size, config.train.eval_per_domain)
     result = train.run(config, workdir, batches, trainer, evaluate_fn=eval_fn)
     return {"final_loss": result["final_loss"], "steps": result["steps"],
             "train_sequences": int(ids.size),

@@ -31,10 +31,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRESET_SCALE: dict[str, dict[str, Any]] = {
-    "tiny": dict(seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30),
-    "small": dict(seq_len=1024, batch_size=256, steps=20_000, lr=6e-4, warmup_steps=1000),
-    "410m": dict(seq_len=1024, batch_size=512, steps=50_000, lr=3e-4, warmup_steps=2000),
-    "1b": dict(seq_len=1024, batch_size=512, steps=100_000, lr=2e-4, warmup_steps=2000),
+    "tiny": dict(seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30,
+                 eval_per_domain=64, max_docs=300),
+    "small": dict(seq_len=1024, batch_size=256, steps=20_000, lr=6e-4, warmup_steps=1000,
+                  eval_per_domain=0, max_docs=0),
+    "410m": dict(seq_len=1024, batch_size=512, steps=50_000, lr=3e-4, warmup_steps=2000,
+                 eval_per_domain=0, max_docs=0),
+    "1b": dict(seq_len=1024, batch_size=512, steps=100_000, lr=2e-4, warmup_steps=2000,
+               eval_per_domain=0, max_docs=0),
 }
 
 SOURCES = ("jsonl", "parquet", "text", "tfds", "local", "synthetic")
@@ -85,7 +89,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.data.tfds_name = ""  # e.g. "wikipedia/20230601.en".
     c.data.tfds_split = "train"
     c.data.tfds_data_dir = ""
-    c.data.max_docs = 0  # Per domain; 0 = all.
+    c.data.max_docs = scale["max_docs"]  # Per domain; 0 = all.
     c.data.heldout_fraction = 0.05
     c.data.seq_len = scale["seq_len"]
     c.data.tokenizer = ""  # Path to a tokenizer.json; empty -> train a BPE on the train split.
@@ -108,7 +112,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         steps=scale["steps"], batch_size=scale["batch_size"], log_every=10,
-        checkpoint_every=100, keep_checkpoints=2, eval_every=0, eval_batches=8))
+        checkpoint_every=100, keep_checkpoints=2, eval_every=0,
+        eval_per_domain=scale["eval_per_domain"]))  # Held-out sequences per domain; 0 = all.
     return c
 
 
@@ -198,8 +203,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 disables), got {o.clip}")
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    _check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
     shape = mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

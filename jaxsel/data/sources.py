@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-SOURCES = ("jsonl", "parquet", "text", "tfds", "local", "synthetic")
+from jaxsel.config import SOURCES
+
 DEFAULT_DOMAIN = "default"
 
 # The local corpus splits long files into documents of at most this many characters (at line
