@@ -1,0 +1,364 @@
+"""Sequence embeddings `[N, d]` float32, row i = pool sequence i, and their post-processing.
+
+Four embeddings of a pool given as `tokens_NxL` / `segments_NxL` int32 arrays (segment 0 marks
+padding), each computed in fixed-size jitted batches with a progress bar:
+
+- `lm_token_mean`: mean of the LM's input token-embedding rows over real tokens (no forward pass);
+- `lm_output_mean`: mean of the LM's final hidden states over real tokens;
+- `encoder_embed`: an off-the-shelf BERT-family encoder (`jaxsel.model.encoder`) on the decoded
+  text, re-tokenised once by `encoder_inputs` (optionally cached on disk);
+- `ngram_hash`: hashed unigram + bigram counts (DSIR style), the no-model baseline.
+
+Post-processing as in Sam et al. (2025): `fit_postprocess` standardises each dimension and fits a
+PCA on a sample; `apply_postprocess` projects and L2-normalises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import pathlib
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+import tqdm
+
+from jaxsel.model import encoder as encoder_lib
+from jaxsel.model import transformer
+
+
+def check_embeddings(emb_NxD: np.ndarray, name: str, *, nonzero: bool = True) -> np.ndarray:
+    """Returns `emb_NxD` as float32 after checking it is a non-empty 2-D array of finite rows
+    (and, with `nonzero`, no all-zero row); otherwise a ValueError naming `name` and the rows."""
+    emb_NxD = np.asarray(emb_NxD, dtype=np.float32)
+    if emb_NxD.ndim != 2 or 0 in emb_NxD.shape:
+        raise ValueError(f"{name} must be a non-empty [N, d] array, got shape {emb_NxD.shape}")
+    bad = np.flatnonzero(~np.isfinite(emb_NxD).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{name} has {bad.size} rows with NaN or inf values, e.g. rows {bad[:5]}")
+    if nonzero:
+        bad = np.flatnonzero(~emb_NxD.any(axis=1))
+        if bad.size:
+            raise ValueError(f"{name} has {bad.size} all-zero rows, e.g. rows {bad[:5]}")
+    return emb_NxD
+
+
+def _check_pool(tokens_NxL, segments_NxL) -> tuple[np.ndarray, np.ndarray]:
+    """Both int arrays of one `[N, L]` shape, and every row with at least one real token."""
+    tokens_NxL, segments_NxL = np.asarray(tokens_NxL), np.asarray(segments_NxL)
+    if tokens_NxL.ndim != 2 or tokens_NxL.shape != segments_NxL.shape:
+        raise ValueError(
+            f"tokens {tokens_NxL.shape} and segments {segments_NxL.shape} must be [N, L] arrays "
+            "of one shape"
+        )
+    empty = np.flatnonzero(~(segments_NxL != 0).any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"{empty.size} sequences have no real token (all segment ids 0), e.g. rows {empty[:5]}"
+        )
+    return tokens_NxL, segments_NxL
+
+
+def _map_batches(
+    fn: Callable[..., jax.Array],
+    make_batch: Callable[[np.ndarray], tuple],
+    n: int,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    order: np.ndarray | None = None,
+) -> np.ndarray:
+    """Runs `fn(*make_batch(idx))` -> `[B, d]` over rows in batches of exactly
+    `B = min(batch_size, n)` (the last is padded by repeating its final row, so shapes never
+    change) and returns `[n, d]` float32 with row i the result for row i. `order` is the order in
+    which rows are visited."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = min(batch_size, n)
+    order = np.arange(n) if order is None else order
+    out = None
+    with tqdm.tqdm(total=n, desc=desc, unit="seq", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            padded = np.pad(idx, (0, batch_size - idx.size), mode="edge")
+            result = np.asarray(fn(*make_batch(padded)), dtype=np.float32)
+            if out is None:
+                out = np.empty((n, result.shape[1]), np.float32)
+            out[idx] = result[: idx.size]
+            bar.update(idx.size)
+    return out
+
+
+def _masked_mean(x_BxLxD, mask_BxL):
+    weights_BxL = mask_BxL.astype(jnp.float32)
+    return jnp.einsum("bld,bl->bd", x_BxLxD.astype(jnp.float32), weights_BxL) / weights_BxL.sum(
+        axis=1, keepdims=True
+    )
+
+
+@jax.jit
+def _token_mean_batch(table_VxD, tokens_BxL, segments_BxL):
+    return _masked_mean(jnp.take(table_VxD, tokens_BxL, axis=0), segments_BxL != 0)
+
+
+def token_mean(
+    table_VxD, tokens_NxL, segments_NxL, batch_size: int = 1024, progress: bool = True
+) -> np.ndarray:
+    """Mean of the rows of an embedding table `[V, D]` over each sequence's real tokens ->
+    `[N, D]` float32."""
+    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+    table_VxD = jnp.asarray(table_VxD)
+    if table_VxD.ndim != 2:
+        raise ValueError(f"the embedding table must be [V, D], got shape {table_VxD.shape}")
+    real = segments_NxL != 0
+    if real.any() and (tokens_NxL[real].min() < 0 or tokens_NxL[real].max() >= len(table_VxD)):
+        raise ValueError(f"token ids must lie in [0, {len(table_VxD)}) (the table's rows)")
+    return _map_batches(
+        functools.partial(_token_mean_batch, table_VxD),
+        lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
+        len(tokens_NxL), batch_size, "lm_token_mean", progress,
+    )
+
+
+def lm_token_mean(
+    params, tokens_NxL, segments_NxL, batch_size: int = 1024, progress: bool = True
+) -> np.ndarray:
+    """Mean of the LM's input token-embedding rows over real tokens -> `[N, D]` float32."""
+    return token_mean(
+        transformer.token_embedding(params), tokens_NxL, segments_NxL, batch_size, progress
+    )
+
+
+def lm_output_mean(
+    model: nn.Module, params, tokens_NxL, segments_NxL, batch_size: int = 64,
+    progress: bool = True,
+) -> np.ndarray:
+    """Mean of the LM's final hidden states (after the final norm) over real tokens ->
+    `[N, D]` float32. `model(tokens, segments, return_hidden=True)` returns `(logits, hidden)`."""
+    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+
+    @jax.jit
+    def batch_fn(params, tokens_BxL, segments_BxL):
+        _, hidden_BxLxD = model.apply(params, tokens_BxL, segments_BxL, return_hidden=True)
+        return _masked_mean(hidden_BxLxD, segments_BxL != 0)
+
+    return _map_batches(
+        functools.partial(batch_fn, params), lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
+        len(tokens_NxL), batch_size, "lm_output_mean", progress,
+    )
+
+
+def decode_sequences(
+    tokens_NxL, segments_NxL, tokenizer: tokenizers.Tokenizer, separator: str = "\n"
+) -> list[str]:
+    """The text of each pool sequence: each document (run of one nonzero segment id) decoded by
+    the LM's tokenizer, joined by `separator`."""
+    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+    n, length = segments_NxL.shape
+    starts_new_run_NxL = np.ones((n, length), bool)
+    starts_new_run_NxL[:, 1:] = segments_NxL[:, 1:] != segments_NxL[:, :-1]
+    starts_R = np.flatnonzero(starts_new_run_NxL)  # runs never cross rows: each row starts one
+    ends_R = np.append(starts_R[1:], n * length)
+    is_doc_R = segments_NxL.ravel()[starts_R] != 0
+    doc_starts, doc_ends = starts_R[is_doc_R], ends_R[is_doc_R]
+    flat_tokens = tokens_NxL.ravel()
+    texts = tokenizer.decode_batch(
+        [flat_tokens[a:b].tolist() for a, b in zip(doc_starts, doc_ends, strict=True)])
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(doc_starts // length, minlength=n))])
+    return [separator.join(texts[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _fingerprint(encoder: encoder_lib.Encoder, tokens_NxL, segments_NxL) -> str:
+    digest = hashlib.sha256()
+    digest.update((encoder.folder / "tokenizer.json").read_bytes())
+    digest.update(f"{encoder.max_length}|{tokens_NxL.shape}".encode())
+    digest.update(np.ascontiguousarray(tokens_NxL).tobytes())
+    digest.update(np.ascontiguousarray(segments_NxL).tobytes())
+    return digest.hexdigest()
+
+
+def encoder_inputs(
+    encoder: encoder_lib.Encoder,
+    tokens_NxL,
+    segments_NxL,
+    lm_tokenizer: tokenizers.Tokenizer,
+    cache_path: str | pathlib.Path | None = None,
+    chunk_size: int = 8192,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pool sequences decoded to text and re-tokenised for the encoder ->
+    `(ids_NxM int32, lengths_N int32)`, `M = encoder.max_length` (explicit truncation), done
+    `chunk_size` sequences at a time so the texts of only one chunk are held in memory.
+
+    With `cache_path` (an `.npz`), the result is saved there and reused while the pool tokens,
+    the encoder's tokenizer and `max_length` are unchanged (a fingerprint of all three is stored).
+    """
+    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+    fingerprint = _fingerprint(encoder, tokens_NxL, segments_NxL)
+    cache_path = pathlib.Path(cache_path) if cache_path is not None else None
+    if cache_path is not None and cache_path.exists():
+        with np.load(cache_path) as cached:
+            if str(cached["fingerprint"]) == fingerprint:
+                return cached["ids"], cached["lengths"]
+    n = len(tokens_NxL)
+    ids_NxM = np.empty((n, encoder.max_length), np.int32)
+    lengths_N = np.empty(n, np.int32)
+    with tqdm.tqdm(total=n, desc="decode + encoder tokenize", unit="seq",
+                   disable=not progress) as bar:
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            texts = decode_sequences(tokens_NxL[rows], segments_NxL[rows], lm_tokenizer)
+            ids_NxM[rows], lengths_N[rows] = encoder_lib.tokenize(encoder, texts)
+            bar.update(len(texts))
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = cache_path.with_suffix(".tmp.npz")
+        np.savez(tmp_path, ids=ids_NxM, lengths=lengths_N, fingerprint=np.array(fingerprint))
+        tmp_path.replace(cache_path)
+    return ids_NxM, lengths_N
+
+
+def encoder_embed(
+    encoder: encoder_lib.Encoder,
+    ids_NxM,
+    lengths_N,
+    batch_size: int = 64,
+    length_multiple: int = 32,
+    progress: bool = True,
+) -> np.ndarray:
+    """Encoder embeddings `[N, D]` float32 of tokenised sequences (from `encoder_inputs`).
+
+    Sequences are visited shortest first and each batch is cut to its longest length rounded up
+    to `length_multiple`, so short texts cost little and only `M / length_multiple` shapes compile.
+    """
+    ids_NxM, lengths_N = np.asarray(ids_NxM), np.asarray(lengths_N)
+    if ids_NxM.ndim != 2 or lengths_N.shape != ids_NxM.shape[:1]:
+        raise ValueError(
+            f"ids {ids_NxM.shape} must be [N, M] and lengths {lengths_N.shape} must be [N]"
+        )
+    if lengths_N.min() < 1 or lengths_N.max() > ids_NxM.shape[1]:
+        raise ValueError(f"lengths must lie in [1, {ids_NxM.shape[1]}]")
+
+    def make_batch(idx):
+        width = min(-(-int(lengths_N[idx].max()) // length_multiple) * length_multiple,
+                    ids_NxM.shape[1])
+        mask_BxW = np.arange(width)[None, :] < lengths_N[idx, None]
+        return ids_NxM[idx, :width], mask_BxW
+
+    return _map_batches(
+        functools.partial(encoder_lib.embed_token_ids, encoder), make_batch,
+        len(ids_NxM), batch_size, "encoder", progress, order=np.argsort(lengths_N, kind="stable"),
+    )
+
+
+def _mix32(x):
+    """murmur3's 32-bit finaliser (works on numpy and jax uint32 arrays)."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+_BIGRAM_SALT = np.uint32(0x9E3779B9)
+
+
+@functools.partial(jax.jit, static_argnames="num_buckets")
+def _ngram_batch(tokens_BxL, segments_BxL, num_buckets: int):
+    tokens_BxL = tokens_BxL.astype(jnp.uint32)
+    unigram_BxL = _mix32(tokens_BxL)
+    bigram_BxL1 = _mix32(unigram_BxL[:, :-1] ^ (tokens_BxL[:, 1:] + _BIGRAM_SALT))
+    keys_BxK = jnp.concatenate([unigram_BxL, bigram_BxL1], axis=1) % np.uint32(num_buckets)
+    real_BxL = segments_BxL != 0
+    bigram_real_BxL1 = real_BxL[:, 1:] & (segments_BxL[:, 1:] == segments_BxL[:, :-1])
+    weights_BxK = jnp.concatenate([real_BxL, bigram_real_BxL1], axis=1).astype(jnp.float32)
+    return jax.vmap(
+        lambda keys, weights: jnp.zeros(num_buckets, jnp.float32).at[keys].add(weights)
+    )(keys_BxK.astype(jnp.int32), weights_BxK)
+
+
+def ngram_hash(
+    tokens_NxL, segments_NxL, num_buckets: int = 4096, batch_size: int = 1024,
+    progress: bool = True,
+) -> np.ndarray:
+    """Hashed n-gram counts `[N, num_buckets]` float32 (DSIR style): every real token adds 1 to
+    bucket `mix32(t) % num_buckets`, every pair of adjacent tokens within one document adds 1 to
+    `mix32(mix32(t1) ^ (t2 + 0x9E3779B9)) % num_buckets` (mix32: murmur3's finaliser, uint32)."""
+    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    return _map_batches(
+        functools.partial(_ngram_batch, num_buckets=num_buckets),
+        lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
+        len(tokens_NxL), batch_size, "ngram_hash", progress,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Postprocess:
+    """Standardise with `mean_D` / `scale_D`, project on `components_DxK` (PCA), L2-normalise."""
+
+    mean_D: np.ndarray
+    scale_D: np.ndarray
+    components_DxK: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames="dims")
+def _fit_pca(sample_SxD, dims: int):
+    mean_D = sample_SxD.mean(axis=0)
+    std_D = sample_SxD.std(axis=0)
+    scale_D = jnp.where(std_D > 1e-6 * jnp.maximum(std_D.max(), 1e-30), std_D, 1.0)
+    z_SxD = (sample_SxD - mean_D) / scale_D
+    cov_DxD = z_SxD.T @ z_SxD / (z_SxD.shape[0] - 1)
+    _, eigvecs_DxD = jnp.linalg.eigh(cov_DxD)  # ascending eigenvalues
+    components_DxK = eigvecs_DxD[:, ::-1][:, :dims]
+    # Fix each component's sign (largest-magnitude loading positive) so fits are reproducible.
+    peak_K = components_DxK[jnp.argmax(jnp.abs(components_DxK), axis=0), jnp.arange(dims)]
+    return mean_D, scale_D, components_DxK * jnp.sign(peak_K)
+
+
+def fit_postprocess(
+    emb_NxD, dims: int = 64, sample_size: int = 100_000, seed: int = 0
+) -> Postprocess:
+    """Fits standardisation and a `dims`-component PCA on a seeded sample of `sample_size` rows."""
+    emb_NxD = check_embeddings(emb_NxD, "embeddings", nonzero=False)
+    n, d = emb_NxD.shape
+    if not 1 <= dims <= min(d, n):
+        raise ValueError(f"dims={dims} must be in [1, min(d={d}, N={n})]")
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, sample_size), replace=False))
+    mean_D, scale_D, components_DxK = _fit_pca(jnp.asarray(emb_NxD[rows]), dims)
+    return Postprocess(np.asarray(mean_D), np.asarray(scale_D), np.asarray(components_DxK))
+
+
+@jax.jit
+def _project(mean_D, scale_D, components_DxK, emb_BxD):
+    return ((emb_BxD - mean_D) / scale_D) @ components_DxK
+
+
+def l2_normalize(emb_NxD) -> np.ndarray:
+    """Rows scaled to unit L2 norm; a NaN or all-zero row is an error naming it."""
+    emb_NxD = check_embeddings(emb_NxD, "embeddings to normalise")
+    return emb_NxD / np.linalg.norm(emb_NxD, axis=1, keepdims=True)
+
+
+def apply_postprocess(
+    post: Postprocess, emb_NxD, batch_size: int = 65536, progress: bool = True
+) -> np.ndarray:
+    """Standardise, project on the PCA components and L2-normalise -> `[N, K]` float32."""
+    emb_NxD = check_embeddings(emb_NxD, "embeddings", nonzero=False)
+    if emb_NxD.shape[1] != post.mean_D.shape[0]:
+        raise ValueError(
+            f"embeddings have dimension {emb_NxD.shape[1]}, the post-processing was fitted on "
+            f"{post.mean_D.shape[0]}"
+        )
+    projected_NxK = _map_batches(
+        functools.partial(_project, post.mean_D, post.scale_D, post.components_DxK),
+        lambda idx: (emb_NxD[idx],),
+        len(emb_NxD), batch_size, "postprocess", progress,
+    )
+    return l2_normalize(projected_NxK)
