@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
+from experiments import launch
 from jaxsel import config as config_lib
-from jaxsel import evaluate, report, sharding, train
+from jaxsel import evaluate, report, train
 from jaxsel.data import pipeline, pool
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path.py:arg", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything.", required=True)
 
 
 def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None = None) -> dict:
@@ -44,11 +41,8 @@ def to_markdown(title: str, result: dict) -> str:
 
 def main(argv):
     del argv
-    sharding.maybe_initialize_distributed()
-    report.quiet_library_logs()
-    config = _CONFIG.value
+    config, workdir = launch.start()
     config_lib.validate(config, jax.device_count())
-    workdir = _WORKDIR.value
     done = report.open_workdir(workdir, config)
     if done is not None:
         logging.info("already finished: %s/report.json", workdir)

@@ -148,7 +148,7 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config.{key}: {message}")
 
@@ -157,16 +157,16 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
     """Resolves `mesh.data == -1` to the devices left over, and checks the product."""
     shape = {k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")}
     for k, v in shape.items():
-        _check(v == -1 or v >= 1, f"mesh.{k}", f"must be >= 1 or -1, got {v}")
-    _check(shape["fsdp"] != -1 and shape["tensor"] != -1, "mesh",
+        check(v == -1 or v >= 1, f"mesh.{k}", f"must be >= 1 or -1, got {v}")
+    check(shape["fsdp"] != -1 and shape["tensor"] != -1, "mesh",
            "only mesh.data may be -1")
     if shape["data"] == -1:
         rest = shape["fsdp"] * shape["tensor"]
-        _check(num_devices % rest == 0, "mesh",
+        check(num_devices % rest == 0, "mesh",
                f"fsdp*tensor={rest} does not divide the {num_devices} devices")
         shape["data"] = num_devices // rest
     total = shape["data"] * shape["fsdp"] * shape["tensor"]
-    _check(total == num_devices, "mesh",
+    check(total == num_devices, "mesh",
            f"data*fsdp*tensor={total} but there are {num_devices} devices")
     return shape
 
@@ -174,43 +174,43 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Refuses impossible values before any work; every message names the key."""
     m, t, o, d = config.model, config.train, config.optim, config.data
-    _check(d.source in SOURCES, "data.source", f"{d.source!r} is not one of {', '.join(SOURCES)}")
-    _check(d.source not in ("jsonl", "parquet", "text") or bool(d.paths), "data.paths",
+    check(d.source in SOURCES, "data.source", f"{d.source!r} is not one of {', '.join(SOURCES)}")
+    check(d.source not in ("jsonl", "parquet", "text") or bool(d.paths), "data.paths",
            f"required for data.source={d.source!r}")
-    _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
+    check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
            "required for data.source='tfds'")
-    _check(0.0 < d.heldout_fraction < 1.0, "data.heldout_fraction",
+    check(0.0 < d.heldout_fraction < 1.0, "data.heldout_fraction",
            f"must be in (0, 1), got {d.heldout_fraction}")
-    _check(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
-    _check(d.seq_len <= m.max_seq_len, "data.seq_len",
+    check(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
+    check(d.seq_len <= m.max_seq_len, "data.seq_len",
            f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     for key in ("d_model", "num_layers", "num_heads", "mlp_dim", "vocab_size"):
-        _check(m[key] >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
-    _check(m.d_model % m.num_heads == 0, "model.num_heads",
+        check(m[key] >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
+    check(m.d_model % m.num_heads == 0, "model.num_heads",
            f"{m.num_heads} does not divide model.d_model={m.d_model}")
-    _check((m.d_model // m.num_heads) % 2 == 0, "model.num_heads",
+    check((m.d_model // m.num_heads) % 2 == 0, "model.num_heads",
            "head dimension must be even for RoPE")
-    _check(m.mlp in ("gated", "gelu"), "model.mlp", f"{m.mlp!r} is not one of gated, gelu")
+    check(m.mlp in ("gated", "gelu"), "model.mlp", f"{m.mlp!r} is not one of gated, gelu")
     for key in ("param_dtype", "dtype"):
-        _check(m[key] in ("float32", "bfloat16", "float16"), f"model.{key}",
+        check(m[key] in ("float32", "bfloat16", "float16"), f"model.{key}",
                f"{m[key]!r} is not one of float32, bfloat16, float16")
-    _check(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule",
+    check(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule",
            f"{o.schedule!r} is not one of cosine, wsd, constant")
-    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
-    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 disables), got {o.clip}")
-    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
-    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
+    check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 disables), got {o.clip}")
+    check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
-    _check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")
-    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+        check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")
+    check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
     shape = mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
-    _check(t.batch_size % batch_shards == 0, "train.batch_size",
+    check(t.batch_size % batch_shards == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the batch-parallel size "
            f"mesh.data*mesh.fsdp={batch_shards}")
-    _check(m.num_heads % shape["tensor"] == 0, "mesh.tensor",
+    check(m.num_heads % shape["tensor"] == 0, "mesh.tensor",
            f"{shape['tensor']} does not divide model.num_heads={m.num_heads}")

@@ -1,0 +1,507 @@
+"""Data ablations by modular training and merging (Na et al., EMNLP 2024).
+
+The perplexity of a parameter average of models, each continued-pretrained from one seed model on
+one partition of a mixture, tracks the perplexity of a model continued-pretrained on the whole
+mixture. So the data ablations of K partitions cost K trainings, not one per mixture. This
+experiment measures how well that holds:
+
+1. a seed model is pretrained on a seeded share (`ablation.seed_fraction`) of the train pool;
+2. the rest is cut into equal partitions (`ablation.partitions`: domains or random splits);
+3. the seed is continued-pretrained on each partition (constant learning rate at
+   `cpt_lr_ratio` x the seed's peak, no warmup, a fresh optimizer);
+4. gold models are continued-pretrained the same way on unions of 2 and of 3 partitions, for the
+   summed token count (m x `partition_steps` steps on a union of m);
+5. each mixture's proxy is the average of its partition models (`merge.average_stream`, two models
+   in memory), and, where a mixture holds several partitions of one group (`domains:K`), also the
+   "macro" average of group averages (`merge.average_grouped`);
+6. gold and proxy perplexities on every held-out domain, their Pearson and Spearman correlations
+   with bootstrap confidence intervals, and the training-token cost of both approaches.
+
+Every model is one `train.run` (through `pretrain.train_and_evaluate`) in its own folder of the
+model pool, named by a key that hashes what and how it was trained (`model_identity`); a model
+whose folder holds `model.json` is finished and reused, one without it resumes from its
+checkpoints. The pool may be shared by experiments run one after another (not at the same time:
+two runs training the same model would write the same folder). Writes config.json, report.json,
+report.md and proxy_vs_gold.png into --workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import app, logging
+from matplotlib.figure import Figure
+
+from experiments import launch, pretrain
+from jaxsel import checkpoint, evaluate, merge, report, stats, train
+from jaxsel import config as config_lib
+from jaxsel.data import pool as pool_lib
+
+MODEL_FILE = "model.json"  # Written into a model's folder when it is finished.
+MIXTURE_SIZES = (2, 3)
+MACRO_EQUALS_MICRO = ("macro == micro: in every mixture each group (e.g. each domain) holds as "
+                      "many partitions, so the average of group averages is the flat average and "
+                      "proxy_macro_ppl equals proxy_ppl")
+# Separate random streams of config.seed.
+_SEED_SPLIT, _PARTITIONS, _MIXTURES = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """A share of the train pool: `ids` (sorted row ids) and the `group` it is merged within."""
+
+    name: str
+    group: str
+    ids: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+
+
+def parse_partitions(spec: str) -> tuple[str, int]:
+    """`"domains"` -> ("domains", 1); `"domains:K"` -> ("domains", K); `"split:K"` -> ("split", K).
+    """
+    kind, colon, count = spec.partition(":")
+    well_formed = (spec == "domains" or kind in ("domains", "split") and colon
+                   and count.isdigit() and int(count) >= 1)
+    config_lib.check(well_formed, "ablation.partitions",
+                      f"{spec!r} is not one of domains, domains:K, split:K (K >= 1)")
+    return kind, int(count) if colon else 1
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`config_lib.validate` and the ablation section; every message names the key."""
+    config_lib.validate(config, num_devices)
+    a, check = config.ablation, config_lib.check
+    check(0.0 < a.seed_fraction < 1.0, "ablation.seed_fraction",
+          f"must be in (0, 1), got {a.seed_fraction}")
+    kind, count = parse_partitions(a.partitions)
+    check(kind != "split" or count >= 3, "ablation.partitions",
+          f"split:{count} gives no union of 3 partitions; use K >= 3")
+    for key in ("seed_steps", "partition_steps", "eval_batch_size", "bootstrap"):
+        check(a[key] >= 1, f"ablation.{key}", f"must be >= 1, got {a[key]}")
+    check(a.cpt_lr_ratio > 0, "ablation.cpt_lr_ratio", f"must be > 0, got {a.cpt_lr_ratio}")
+    check(a.max_mixtures >= 0, "ablation.max_mixtures",
+          f"must be >= 0 (0: all mixtures), got {a.max_mixtures}")
+    check(a.eval_batch_size % jax.process_count() == 0, "ablation.eval_batch_size",
+          f"{a.eval_batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+def model_config(config: ml_collections.ConfigDict, steps: int,
+                 parent_dir: str = "") -> ml_collections.ConfigDict:
+    """The training config of one model: `steps` steps; with `parent_dir`, continued pretraining
+    from that model's params at a constant `cpt_lr_ratio` x `optim.lr` without warmup."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.train.steps = steps
+    if parent_dir:
+        c.init_from = parent_dir
+        c.optim.schedule = "constant"
+        c.optim.lr = config.ablation.cpt_lr_ratio * config.optim.lr
+        c.optim.warmup_steps = 0
+    return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: the seed split, the partitions and the mixtures.
+
+
+def seed_split(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seed ids, the rest): a seeded random `fraction` of `range(num_rows)`, both sorted."""
+    order = np.random.default_rng([seed, _SEED_SPLIT]).permutation(num_rows)
+    cut = int(round(fraction * num_rows))
+    if cut == 0 or cut == num_rows:
+        raise config_lib.ConfigError(
+            f"config.ablation.seed_fraction: {fraction} of {num_rows} train rows leaves the seed "
+            f"model or the partitions no data")
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def make_partitions(domains_N: np.ndarray, domain_names: list[str], rest_ids: np.ndarray,
+                    spec: str, use_domains: str, seed: int) -> list[Partition]:
+    """Equal partitions of `rest_ids` (rows of the train pool whose domain indices are
+    `domains_N`), restricted to the comma-separated `use_domains` (empty: all).
+
+    `domains`: one per domain, each a seeded random subset of the size of the smallest domain;
+    `domains:K`: those cut into K equal parts, grouped by domain; `split:K`: all rows in K equal
+    random parts, each its own group.
+    """
+    kind, count = parse_partitions(spec)
+    names = [d.strip() for d in use_domains.split(",") if d.strip()] or list(domain_names)
+    unknown = [d for d in names if d not in domain_names]
+    if unknown:
+        raise config_lib.ConfigError(f"config.ablation.domains: {unknown[0]!r} is not a domain "
+                                     f"of the train pool; domains: {domain_names}")
+    rng = np.random.default_rng([seed, _PARTITIONS])
+    by_domain = {d: rest_ids[domains_N[rest_ids] == domain_names.index(d)] for d in names}
+    if kind == "split":
+        shuffled = rng.permutation(np.concatenate(list(by_domain.values())))
+        size = len(shuffled) // count
+        parts = [(f"split{k}", f"split{k}", shuffled[k * size:(k + 1) * size])
+                 for k in range(count)]
+    else:
+        size = min(len(ids) for ids in by_domain.values()) // count * count
+        parts = []
+        for domain, ids in by_domain.items():
+            chosen = rng.permutation(ids)[:size].reshape(count, -1)
+            parts += [(domain if count == 1 else f"{domain}-{k}", domain, chosen[k])
+                      for k in range(count)]
+    partitions = [Partition(name, group, np.sort(ids)) for name, group, ids in parts]
+    if len(partitions) < max(MIXTURE_SIZES):
+        raise config_lib.ConfigError(
+            f"config.ablation.partitions: {spec!r} over domains {names} gives "
+            f"{len(partitions)} partitions; unions of {max(MIXTURE_SIZES)} need at least that many")
+    smallest = min(partitions, key=lambda p: len(p.ids))
+    if len(smallest.ids) == 0:
+        raise config_lib.ConfigError(
+            f"config.ablation.partitions: partition {smallest.name!r} is empty ({spec!r} over "
+            f"domains with {({d: len(i) for d, i in by_domain.items()})} rows after the seed "
+            f"split)")
+    return partitions
+
+
+def choose_mixtures(num_partitions: int, max_mixtures: int, seed: int) -> list[tuple[int, ...]]:
+    """Unions of 2 and of 3 partitions (index tuples): all, or a seeded choice of at most
+    `max_mixtures` of each size, in lexicographic order within a size."""
+    rng = np.random.default_rng([seed, _MIXTURES])
+    mixtures = []
+    for size in MIXTURE_SIZES:
+        combos = list(itertools.combinations(range(num_partitions), size))
+        if max_mixtures and len(combos) > max_mixtures:
+            combos = [combos[i] for i in np.sort(rng.choice(len(combos), max_mixtures, False))]
+        mixtures += combos
+    return mixtures
+
+
+def mixture_name(partitions: list[Partition], mixture: tuple[int, ...]) -> str:
+    return "+".join(partitions[i].name for i in mixture)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model pool.
+
+
+def model_identity(config: ml_collections.ConfigDict, pool_key: str, ids: np.ndarray,
+                   parent_key: str | None) -> dict:
+    """Everything a model's params depend on: the parent model, the pool and the rows it was
+    trained on, and the training config that matters (not logging, checkpointing or the mesh)."""
+    ids = np.asarray(ids, np.int64)
+    return dict(parent=parent_key, pool=pool_key, num_ids=int(ids.size),
+                ids_sha256=hashlib.sha256(ids.tobytes()).hexdigest(), seed=config.seed,
+                seq_len=config.data.seq_len, steps=config.train.steps,
+                batch_size=config.train.batch_size, model=config.model.to_dict(),
+                optim=config.optim.to_dict())
+
+
+def model_key(identity: dict) -> str:
+    """The name of a model's folder in the pool: a hash of its `model_identity`."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def ensure_model(config: ml_collections.ConfigDict, model_pool: str, name: str, pools: dict,
+                 ids: np.ndarray, parent: dict | None = None) -> dict:
+    """The model trained from `parent` (None: from scratch) on `ids` with `config`: found in the
+    model pool, or trained (resuming from its checkpoints if a run was cut short).
+
+    Returns its record: key, dir, status ("reused" or "trained"), name, identity, steps, tokens,
+    final_loss and eval (held-out perplexity per domain).
+    """
+    identity = model_identity(config, pools["train"].report["key"], ids,
+                              parent and parent["key"])
+    key = model_key(identity)
+    model_dir = os.path.join(model_pool, key)
+    path = os.path.join(model_dir, MODEL_FILE)
+    if os.path.exists(path):
+        logging.info("model %s: found %s", name, model_dir)
+        return {**report.read_json(path), "dir": model_dir, "status": "reused"}
+    logging.info("model %s: training %d steps on %d sequences in %s", name, config.train.steps,
+                 len(ids), model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    start = time.perf_counter()
+    result = pretrain.train_and_evaluate(config, model_dir, pools, ids)
+    record = dict(key=key, name=name, identity=identity, steps=result["steps"],
+                  tokens=result["steps"] * config.train.batch_size * config.data.seq_len,
+                  final_loss=result["final_loss"], eval=result["eval"],
+                  seconds=round(time.perf_counter() - start, 1))
+    if jax.process_index() == 0:
+        report.write_json(path, record)
+    return {**record, "dir": model_dir, "status": "trained"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Proxies and evaluation.
+
+
+def load_each(model_dirs: list[str], abstract_params):
+    """Yields each model's params in turn, so `merge.average_stream` holds two models at once."""
+    for model_dir in model_dirs:
+        yield checkpoint.load_params(model_dir, abstract_params)
+
+
+def mixture_groups(partitions: list[Partition], mixture: tuple[int, ...]) -> dict[str, list[int]]:
+    """The mixture's partition indices by group, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i in mixture:
+        groups.setdefault(partitions[i].group, []).append(i)
+    return groups
+
+
+def macro_is_micro(groups: dict[str, list[int]]) -> bool:
+    """Whether the macro average (uniform over groups) equals the flat one: when every group
+    holds as many partitions, each partition gets weight 1 / (number of partitions) either way."""
+    return len({len(members) for members in groups.values()}) == 1
+
+
+def proxy_perplexities(trainer: train.Trainer, heldout, batch_size: int, per_domain: int,
+                       partitions: list[Partition], partition_dirs: list[str],
+                       mixture: tuple[int, ...]) -> tuple[dict, dict]:
+    """(micro, macro) held-out perplexity per domain of a mixture's merged partition models, on
+    the first `per_domain` sequences of each domain (0: all), as the gold models are evaluated.
+
+    Micro: the flat average of the partition models, streamed (two models in memory). Macro: the
+    average of per-group averages (`merge.average_grouped`, the mixture's models in memory); it is
+    evaluated only where it is another model than micro (`macro_is_micro`).
+    """
+    abstract = trainer.abstract_params()
+    perplexity = lambda params: evaluate.perplexity_by_domain(  # noqa: E731
+        trainer, params, heldout, batch_size, per_domain)
+    micro = perplexity(merge.average_stream(
+        load_each([partition_dirs[i] for i in mixture], abstract)))
+    groups = mixture_groups(partitions, mixture)
+    if macro_is_micro(groups):
+        return micro, micro
+    grouped = {group: list(load_each([partition_dirs[i] for i in members], abstract))
+               for group, members in groups.items()}
+    return micro, perplexity(merge.average_grouped(grouped, mode="macro"))
+
+
+def correlation_summary(gold, proxy, num_resamples: int, seed: int) -> dict:
+    """Pearson and Spearman of gold vs proxy perplexity, with 95% percentile bootstrap CIs."""
+    out = {"n": len(gold)}
+    for name, fn in (("pearson", stats.pearson), ("spearman", stats.spearman)):
+        out[name] = _finite_or_none(fn(gold, proxy))
+        out[f"{name}_ci"] = [_finite_or_none(v) for v in
+                             stats.bootstrap_ci(fn, gold, proxy, num_resamples, seed)]
+    return out
+
+
+def correlations(pairs: list[dict], proxy_field: str, num_resamples: int, seed: int) -> dict:
+    """`correlation_summary` over all pairs and per eval set (over the mixtures)."""
+    def summary(rows):
+        return correlation_summary([r["gold_ppl"] for r in rows], [r[proxy_field] for r in rows],
+                                   num_resamples, seed)
+
+    eval_sets = sorted({r["eval_set"] for r in pairs})
+    return {"overall": summary(pairs),
+            "per_eval_set": {e: summary([r for r in pairs if r["eval_set"] == e])
+                             for e in eval_sets}}
+
+
+def token_cost(num_partitions: int, mixture_sizes: list[int], partition_steps: int,
+               seed_steps: int, tokens_per_step: int) -> dict:
+    """Training tokens of the modular approach (one model per partition) against one model per
+    mixture, for the mixtures evaluated and for every union of 2 or more partitions. The seed
+    model is shared by both and reported apart."""
+    per_partition = partition_steps * tokens_per_step
+    modular = num_partitions * per_partition
+    per_mixture = sum(mixture_sizes) * per_partition
+    # sum_{m>=2} C(K, m) * m = K * (2^(K-1) - 1).
+    all_unions = num_partitions * (2 ** (num_partitions - 1) - 1) * per_partition
+    return dict(modular_tokens=modular, per_mixture_tokens=per_mixture,
+                ratio=per_mixture / modular, all_unions_tokens=all_unions,
+                all_unions_ratio=all_unions / modular, seed_tokens=seed_steps * tokens_per_step,
+                tokens_per_partition=per_partition)
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: an undefined statistic is written as null."""
+    return float(x) if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) the experiment in `workdir` and writes its report; returns the report.
+    A finished workdir's report is returned as it is."""
+    done = report.open_workdir(workdir, config)
+    if done is not None:
+        logging.info("already finished: %s/report.json", workdir)
+        return done
+    a = config.ablation
+    model_pool = a.model_pool or os.path.join(workdir, "model_pool")
+    pools = pool_lib.build_pools(config)
+    train_pool = pools["train"]
+    seed_ids, rest_ids = seed_split(len(train_pool), a.seed_fraction, config.seed)
+    partitions = make_partitions(np.asarray(train_pool.domains), train_pool.domain_names,
+                                 rest_ids, a.partitions, a.domains, config.seed)
+    mixtures = choose_mixtures(len(partitions), a.max_mixtures, config.seed)
+
+    seed = ensure_model(model_config(config, a.seed_steps), model_pool, "seed", pools, seed_ids)
+    cpt_config = model_config(config, a.partition_steps, seed["dir"])
+    partition_models = [ensure_model(cpt_config, model_pool, f"partition {p.name}", pools,
+                                     p.ids, seed) for p in partitions]
+    gold_models = {}
+    for mixture in mixtures:
+        name = mixture_name(partitions, mixture)
+        ids = np.sort(np.concatenate([partitions[i].ids for i in mixture]))
+        gold_models[name] = ensure_model(
+            model_config(config, len(mixture) * a.partition_steps, seed["dir"]), model_pool,
+            f"gold {name}", pools, ids, seed)
+
+    trainer = train.Trainer(cpt_config)
+    partition_dirs = [m["dir"] for m in partition_models]
+    pairs = []
+    for mixture in mixtures:
+        name = mixture_name(partitions, mixture)
+        micro, macro = proxy_perplexities(trainer, pools["heldout"], a.eval_batch_size,
+                                          config.train.eval_per_domain, partitions,
+                                          partition_dirs, mixture)
+        gold = gold_models[name]["eval"]
+        pairs += [dict(mixture=name, size=len(mixture), eval_set=e, gold_ppl=gold[e],
+                       proxy_ppl=micro[e], proxy_macro_ppl=macro[e])
+                  for e in pools["heldout"].domain_names if e in gold]
+        logging.info("mixture %s: gold %.3f proxy %.3f (all held-out)", name, gold["all"],
+                     micro["all"])
+
+    macro_differs = not all(macro_is_micro(mixture_groups(partitions, m)) for m in mixtures)
+    result = dict(
+        pairs=pairs,
+        correlation=correlations(pairs, "proxy_ppl", a.bootstrap, config.seed),
+        correlation_macro=(correlations(pairs, "proxy_macro_ppl", a.bootstrap, config.seed)
+                           if macro_differs else None),
+        macro=("macro: the average of per-group (domain) averages of the partition models"
+               if macro_differs else MACRO_EQUALS_MICRO),
+        cost=token_cost(len(partitions), [len(m) for m in mixtures], a.partition_steps,
+                        a.seed_steps, config.train.batch_size * config.data.seq_len),
+        partitions={p.name: {"group": p.group, "sequences": int(p.ids.size)}
+                    for p in partitions},
+        mixtures=[mixture_name(partitions, m) for m in mixtures],
+        seed_sequences=int(seed_ids.size),
+        eval_per_domain=config.train.eval_per_domain,
+        model_pool=model_pool,
+        models=dict(seed=_model_summary(seed),
+                    partitions={p.name: _model_summary(m)
+                                for p, m in zip(partitions, partition_models, strict=True)},
+                    gold={name: _model_summary(m) for name, m in gold_models.items()}))
+    if jax.process_index() == 0:
+        plot_proxy_vs_gold(pairs, os.path.join(workdir, "proxy_vs_gold.png"))
+        report.finish(workdir, result, to_markdown(result))
+    return result
+
+
+def _model_summary(record: dict) -> dict:
+    return {k: record[k] for k in ("key", "status", "steps", "tokens", "final_loss")} | {
+        "heldout_ppl": record["eval"]["all"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Report.
+
+
+def to_markdown(result: dict) -> str:
+    fmt_ci = lambda ci: "n/a" if None in ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"  # noqa: E731
+
+    def correlation_table(corr: dict) -> str:
+        rows = [(name, c["n"], c["pearson"], fmt_ci(c["pearson_ci"]), c["spearman"],
+                 fmt_ci(c["spearman_ci"]))
+                for name, c in [("overall", corr["overall"]), *corr["per_eval_set"].items()]]
+        return report.markdown_table(
+            ["eval set", "n", "Pearson", "95% CI", "Spearman", "95% CI"], rows)
+
+    cost = result["cost"]
+    models = result["models"]
+    model_rows = [("seed", "seed", models["seed"])]
+    model_rows += [("partition", n, m) for n, m in models["partitions"].items()]
+    model_rows += [("gold", n, m) for n, m in models["gold"].items()]
+    parts = [
+        "# Data ablations: merged partition models (proxy) vs. models trained on the mixture "
+        "(gold)\n",
+        f"{len(result['partitions'])} partitions, {len(result['mixtures'])} mixtures, "
+        f"{len(result['pairs'])} (mixture, eval set) pairs; the seed model saw "
+        f"{result['seed_sequences']} sequences. Eval sets: the held-out domains ("
+        f"{_eval_subset(result['eval_per_domain'])}). Model pool: `{result['model_pool']}`.\n",
+        f"Grouped merge: {result['macro']}.\n",
+        "## Correlation of proxy and gold perplexity\n", correlation_table(result["correlation"]),
+    ]
+    if result["correlation_macro"] is not None:
+        parts += ["\n## Correlation, macro proxy\n",
+                  correlation_table(result["correlation_macro"])]
+    parts += [
+        "\n## Training-token cost\n",
+        report.markdown_table(["approach", "tokens", "x modular"], [
+            ("modular: one model per partition", cost["modular_tokens"], 1.0),
+            ("one model per evaluated mixture", cost["per_mixture_tokens"], cost["ratio"]),
+            ("one model per union of >= 2 partitions", cost["all_unions_tokens"],
+             cost["all_unions_ratio"]),
+            ("seed model (shared by both)", cost["seed_tokens"], "")]),
+        "\n## Partitions\n",
+        report.markdown_table(["partition", "group", "sequences"],
+                              [(n, p["group"], p["sequences"])
+                               for n, p in result["partitions"].items()]),
+        "\n## Perplexity per (mixture, eval set)\n",
+        report.markdown_table(["mixture", "eval set", "gold", "proxy", "proxy (macro)"],
+                              [(r["mixture"], r["eval_set"], r["gold_ppl"], r["proxy_ppl"],
+                                r["proxy_macro_ppl"]) for r in result["pairs"]]),
+        "\n## Models\n",
+        report.markdown_table(["role", "name", "key", "status", "steps", "final loss",
+                               "held-out ppl"],
+                              [(role, name, m["key"], m["status"], m["steps"], m["final_loss"],
+                                m["heldout_ppl"]) for role, name, m in model_rows]),
+        "\n![proxy vs gold](proxy_vs_gold.png)\n",
+    ]
+    return "\n".join(parts)
+
+
+def _eval_subset(per_domain: int) -> str:
+    return "all sequences" if per_domain == 0 else f"the first {per_domain} sequences of each"
+
+
+def plot_proxy_vs_gold(pairs: list[dict], path: str) -> None:
+    """Scatter of proxy against gold perplexity (log axes, one colour per eval set, circles for
+    unions of 2 and triangles for 3) with the line y = x; written atomically."""
+    fig = Figure(figsize=(7.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    eval_sets = sorted({r["eval_set"] for r in pairs})
+    colors = [matplotlib.colormaps["tab20"](i % 20) for i in range(len(eval_sets))]
+    for eval_set, color in zip(eval_sets, colors, strict=True):
+        for size, marker in ((2, "o"), (3, "^")):
+            rows = [r for r in pairs if r["eval_set"] == eval_set and r["size"] == size]
+            if rows:
+                ax.scatter([r["gold_ppl"] for r in rows], [r["proxy_ppl"] for r in rows],
+                           color=color, marker=marker, s=22,
+                           label=eval_set if size == MIXTURE_SIZES[0] else None)
+    values = [r[k] for r in pairs for k in ("gold_ppl", "proxy_ppl")]
+    low, high = min(values) / 1.1, max(values) * 1.1
+    ax.plot([low, high], [low, high], color="gray", linestyle="--", linewidth=1, label="y = x")
+    ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high),
+           xlabel="gold perplexity (trained on the mixture)",
+           ylabel="proxy perplexity (merged partition models)",
+           title="Proxy vs. gold perplexity (o: 2 partitions, ^: 3)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    del argv
+    config, workdir = launch.start()
+    validate(config, jax.device_count())
+    result = run(config, workdir)
+    logging.info("proxy vs gold: %s", json.dumps(result["correlation"]["overall"]))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,350 @@
+"""The data-ablation experiment: its pieces against hand computations, then a shrunken run end to
+end (checked against scipy and an independent numpy merge), then a second experiment that finds
+every model in the shared model pool and trains none."""
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import scipy.stats as scipy_stats
+
+from experiments import data_ablations as abl
+from experiments import pretrain
+from experiments.configs import data_ablations as abl_config
+from jaxsel import checkpoint, evaluate, train
+from jaxsel import config as config_lib
+from jaxsel.data import pool as pool_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A shrunken tiny run: 2 synthetic domains in 2 parts each (4 partitions, grouped by domain), 2
+# unions of 2 and 2 of 3, a few steps each; every model is evaluated on 2 sequences per domain.
+SHRUNK = {
+    "data.source": "synthetic", "data.seq_len": 64, "model.vocab_size": 512,
+    "data.synthetic_docs_per_domain": 60, "train.batch_size": 8, "train.eval_per_domain": 2,
+    "ablation.domains": "prose,code", "ablation.partitions": "domains:2",
+    "ablation.seed_steps": 20, "ablation.partition_steps": 5, "ablation.max_mixtures": 2,
+    "ablation.eval_batch_size": 32, "ablation.bootstrap": 200,
+}
+
+
+def _config(**overrides):
+    config = abl_config.get_config("tiny")
+    config.update_from_flattened_dict({**SHRUNK, **overrides})
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces.
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("ablation.seed_fraction", 1.0, "ablation.seed_fraction"),
+    ("ablation.partitions", "split:2", "ablation.partitions"),
+    ("ablation.partitions", "domains:x", "ablation.partitions"),
+    ("ablation.partitions", "halves", "ablation.partitions"),
+    ("ablation.partition_steps", 0, "ablation.partition_steps"),
+    ("ablation.cpt_lr_ratio", 0.0, "ablation.cpt_lr_ratio"),
+    ("ablation.max_mixtures", -1, "ablation.max_mixtures"),
+    ("ablation.bootstrap", 0, "ablation.bootstrap"),
+    ("train.batch_size", 0, "train.batch_size"),
+])
+def test_impossible_values_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        abl.validate(_config(**{key: value}), num_devices=1)
+
+
+def test_config_arg_options_reach_the_ablation_section():
+    config = abl_config.get_config("tiny,partitions=split:4,cpt_lr_ratio=0.2")
+    assert config.ablation.partitions == "split:4" and config.ablation.cpt_lr_ratio == 0.2
+    abl.validate(config, num_devices=1)
+    assert abl.parse_partitions("domains") == ("domains", 1)
+    assert abl.parse_partitions("domains:3") == ("domains", 3)
+    assert abl.parse_partitions("split:5") == ("split", 5)
+
+
+def test_seed_split_is_a_seeded_disjoint_cover():
+    seed_ids, rest = abl.seed_split(1000, 0.3, seed=4)
+    assert len(seed_ids) == 300 and len(rest) == 700
+    np.testing.assert_array_equal(np.sort(np.concatenate([seed_ids, rest])), np.arange(1000))
+    np.testing.assert_array_equal(seed_ids, abl.seed_split(1000, 0.3, seed=4)[0])
+    assert not np.array_equal(seed_ids, abl.seed_split(1000, 0.3, seed=5)[0])
+    with pytest.raises(config_lib.ConfigError, match="ablation.seed_fraction"):
+        abl.seed_split(3, 0.01, seed=0)
+
+
+# Train-pool rows: domain a has 40 rows, b 25, c 60, d 10 (interleaved).
+DOMAIN_NAMES = ["a", "b", "c", "d"]
+DOMAINS_N = np.repeat(np.arange(4), [40, 25, 60, 10])[np.random.default_rng(0).permutation(135)]
+
+
+def _rest():
+    return abl.seed_split(len(DOMAINS_N), 0.2, seed=0)[1]
+
+
+def test_domain_partitions_are_equal_random_subsets_of_their_domain():
+    rest = _rest()
+    parts = abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "domains", "a,b,c", seed=0)
+    assert [p.name for p in parts] == ["a", "b", "c"] == [p.group for p in parts]
+    smallest = min(np.sum(DOMAINS_N[rest] == k) for k in range(3))
+    for index, p in enumerate(parts):
+        assert len(p.ids) == smallest and np.all(np.diff(p.ids) > 0)
+        assert set(p.ids) <= set(rest) and np.all(DOMAINS_N[p.ids] == index)
+    again = abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "domains", "a,b,c", seed=0)
+    assert all(np.array_equal(p.ids, q.ids) for p, q in zip(parts, again, strict=True))
+
+
+def test_domains_k_partitions_are_grouped_by_domain():
+    rest = _rest()
+    parts = abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "domains:2", "", seed=1)
+    assert [p.name for p in parts] == ["a-0", "a-1", "b-0", "b-1", "c-0", "c-1", "d-0", "d-1"]
+    assert [p.group for p in parts] == ["a", "a", "b", "b", "c", "c", "d", "d"]
+    size = min(np.sum(DOMAINS_N[rest] == k) for k in range(4)) // 2
+    assert {len(p.ids) for p in parts} == {size}
+    all_ids = np.concatenate([p.ids for p in parts])
+    assert len(set(all_ids)) == len(all_ids) and set(all_ids) <= set(rest)
+
+
+def test_split_partitions_cut_the_chosen_domains_into_equal_parts():
+    rest = _rest()
+    parts = abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "split:3", "a,c", seed=2)
+    chosen = rest[np.isin(DOMAINS_N[rest], [0, 2])]
+    assert [p.name for p in parts] == ["split0", "split1", "split2"]
+    assert {len(p.ids) for p in parts} == {len(chosen) // 3}
+    all_ids = np.concatenate([p.ids for p in parts])
+    assert len(set(all_ids)) == len(all_ids) and set(all_ids) <= set(chosen)
+
+
+def test_partition_errors_name_the_key():
+    rest = _rest()
+    with pytest.raises(config_lib.ConfigError, match="ablation.domains: 'e' is not a domain"):
+        abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "domains", "a,e", seed=0)
+    with pytest.raises(config_lib.ConfigError, match="ablation.partitions.*gives 2 partitions"):
+        abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "domains", "a,b", seed=0)
+    with pytest.raises(config_lib.ConfigError, match="ablation.partitions.*is empty"):
+        abl.make_partitions(DOMAINS_N, DOMAIN_NAMES, rest, "domains:20", "a,d", seed=0)
+
+
+def test_mixtures_are_all_unions_or_a_seeded_capped_choice():
+    everything = abl.choose_mixtures(5, 0, seed=0)
+    expected = list(itertools.combinations(range(5), 2)) + list(itertools.combinations(range(5), 3))
+    assert everything == expected
+    capped = abl.choose_mixtures(5, 3, seed=0)
+    assert [len(m) for m in capped] == [2, 2, 2, 3, 3, 3]
+    assert len(set(capped)) == 6 and set(capped) <= set(expected)
+    assert capped == abl.choose_mixtures(5, 3, seed=0)
+    assert capped != abl.choose_mixtures(5, 3, seed=1)
+    # 2 of the 3 pairs; the single triple is under the cap.
+    three = abl.choose_mixtures(3, 2, seed=0)
+    assert len(three) == 3 and set(three[:2]) < {(0, 1), (0, 2), (1, 2)} and three[2] == (0, 1, 2)
+
+
+def test_macro_equals_micro_only_for_equal_group_sizes():
+    parts = [abl.Partition(n, g, np.arange(1)) for n, g in
+             [("a-0", "a"), ("a-1", "a"), ("b-0", "b"), ("b-1", "b")]]
+    assert abl.mixture_groups(parts, (0, 1, 2)) == {"a": [0, 1], "b": [2]}
+    assert not abl.macro_is_micro(abl.mixture_groups(parts, (0, 1, 2)))
+    assert abl.macro_is_micro(abl.mixture_groups(parts, (0, 2)))  # One of each.
+    assert abl.macro_is_micro(abl.mixture_groups(parts, (0, 1)))  # One group.
+    assert abl.macro_is_micro(abl.mixture_groups(parts, (0, 1, 2, 3)))  # Two of each.
+
+
+def test_model_key_follows_what_and_how_a_model_is_trained():
+    config = _config()
+    ids = np.arange(10)
+
+    def key(c, ids=ids, parent="seedkey", steps=5):
+        return abl.model_key(abl.model_identity(abl.model_config(c, steps, "/seed/dir"), "pool",
+                                                ids, parent))
+
+    base = key(config)
+    # What it is trained on and from.
+    assert key(config, ids=np.arange(1, 11)) != base
+    assert key(config, parent="otherseed") != base
+    # How: steps, the continued-pretraining learning rate, the model.
+    assert key(config, steps=6) != base
+    assert key(_config(**{"ablation.cpt_lr_ratio": 0.2})) != base
+    assert key(_config(**{"model.num_layers": 3})) != base
+    # Not: logging, checkpointing, the mesh, the experiment's other choices, the seed's folder.
+    for unrelated in ({"train.log_every": 3}, {"train.checkpoint_every": 7},
+                      {"mesh.data": 1}, {"ablation.bootstrap": 9},
+                      {"ablation.max_mixtures": 7}, {"ablation.model_pool": "/elsewhere"}):
+        assert key(_config(**unrelated)) == base, unrelated
+    # The continued-pretraining ratio does not change the seed model.
+    seed_key = lambda c: abl.model_key(  # noqa: E731
+        abl.model_identity(abl.model_config(c, 20), "pool", ids, None))
+    assert seed_key(_config(**{"ablation.cpt_lr_ratio": 0.2})) == seed_key(config)
+
+
+def test_continued_pretraining_config_is_a_constant_tenth_of_the_peak_without_warmup():
+    config = _config()
+    cpt = abl.model_config(config, 15, "/seed")
+    assert (cpt.optim.schedule, cpt.optim.warmup_steps, cpt.init_from) == ("constant", 0, "/seed")
+    assert cpt.optim.lr == pytest.approx(0.1 * config.optim.lr) and cpt.train.steps == 15
+    schedule = train.make_schedule(cpt.optim, 15)
+    assert [float(schedule(s)) for s in (0, 7, 14)] == pytest.approx([0.1 * config.optim.lr] * 3)
+    seed = abl.model_config(config, 20)
+    assert seed.optim.to_dict() == config.optim.to_dict() and seed.init_from == ""
+
+
+def test_token_cost_against_enumerated_unions():
+    cost = abl.token_cost(4, [2, 2, 3], partition_steps=5, seed_steps=20, tokens_per_step=100)
+    per_partition = 5 * 100
+    every_union = [m for size in range(2, 5) for m in itertools.combinations(range(4), size)]
+    assert cost["modular_tokens"] == 4 * per_partition
+    assert cost["per_mixture_tokens"] == 7 * per_partition
+    assert cost["ratio"] == pytest.approx(7 / 4)
+    assert cost["all_unions_tokens"] == sum(len(m) for m in every_union) * per_partition
+    assert cost["seed_tokens"] == 20 * 100
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Runs the shrunken tiny experiment once through the command line."""
+    tmp = tmp_path_factory.mktemp("ablations")
+    overrides = {**SHRUNK, "data.cache_dir": str(tmp / "cache"),
+                 "ablation.model_pool": str(tmp / "model_pool")}
+    subprocess.run(
+        [sys.executable, "-m", "experiments.data_ablations",
+         "--config=experiments/configs/data_ablations.py:tiny", f"--workdir={tmp / 'first'}",
+         *[f"--config.{k}={v}" for k, v in overrides.items()]],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=900)
+    report = json.loads((tmp / "first" / "report.json").read_text())
+    return tmp, overrides, report
+
+
+def test_tiny_experiment_writes_the_full_report(tiny_run):
+    tmp, overrides, report = tiny_run
+    config = _config(**overrides)
+    pools = pool_lib.build_pools(config)
+    eval_sets = pools["heldout"].domain_names
+    assert [len(m.split("+")) for m in report["mixtures"]] == [2, 2, 3, 3]
+    assert {p for m in report["mixtures"] for p in m.split("+")} <= set(report["partitions"])
+
+    # Pairs: every (mixture, held-out domain), with finite perplexities.
+    pairs = report["pairs"]
+    assert {(r["mixture"], r["eval_set"]) for r in pairs} == set(
+        itertools.product(report["mixtures"], eval_sets))
+    assert len(pairs) == 4 * len(eval_sets)
+    for r in pairs:
+        for k in ("gold_ppl", "proxy_ppl", "proxy_macro_ppl"):
+            assert 1.0 < r[k] < config.model.vocab_size, r
+        groups = [p.split("-")[0] for p in r["mixture"].split("+")]
+        counts = {g: groups.count(g) for g in groups}
+        # Macro differs from micro exactly where the groups hold unequal numbers of partitions.
+        assert (r["proxy_macro_ppl"] == r["proxy_ppl"]) == (len(set(counts.values())) == 1), r
+
+    # Correlations: the overall and per-eval-set numbers are scipy's on the pairs.
+    for field, corr in (("proxy_ppl", report["correlation"]),
+                        ("proxy_macro_ppl", report["correlation_macro"])):
+        for name, rows in [("overall", pairs), *[(e, [r for r in pairs if r["eval_set"] == e])
+                                                 for e in eval_sets]]:
+            c = corr["overall"] if name == "overall" else corr["per_eval_set"][name]
+            gold, proxy = [r["gold_ppl"] for r in rows], [r[field] for r in rows]
+            assert c["n"] == len(rows)
+            assert c["pearson"] == pytest.approx(scipy_stats.pearsonr(gold, proxy).statistic)
+            assert c["spearman"] == pytest.approx(scipy_stats.spearmanr(gold, proxy).statistic)
+            for ci in (c["pearson_ci"], c["spearman_ci"]):
+                assert -1.0 <= ci[0] <= ci[1] <= 1.0
+    assert "macro: the average of per-group" in report["macro"]
+
+    # Cost: 4 partitions x 5 steps against (2 + 2 + 3 + 3) x 5 steps, of 8 x 64 tokens.
+    step_tokens = 8 * 64
+    assert report["cost"]["modular_tokens"] == 4 * 5 * step_tokens
+    assert report["cost"]["per_mixture_tokens"] == 10 * 5 * step_tokens
+    assert report["cost"]["ratio"] == pytest.approx(2.5)
+
+    # Models: all trained; golds on the union for the summed steps, everything from the seed.
+    models = report["models"]
+    assert set(models["partitions"]) == {"prose-0", "prose-1", "code-0", "code-1"}
+    assert set(models["gold"]) == set(report["mixtures"])
+    every = [models["seed"], *models["partitions"].values(), *models["gold"].values()]
+    assert {m["status"] for m in every} == {"trained"}
+    assert len({m["key"] for m in every}) == len(every)
+    pool_dir = tmp / "model_pool"
+    seed_record = json.loads((pool_dir / models["seed"]["key"] / "model.json").read_text())
+    assert seed_record["identity"]["steps"] == 20
+    for name, m in models["gold"].items():
+        record = json.loads((pool_dir / m["key"] / "model.json").read_text())
+        size = len(name.split("+"))
+        assert m["steps"] == 5 * size and m["tokens"] == 5 * size * step_tokens
+        assert record["identity"]["num_ids"] == sum(
+            report["partitions"][p]["sequences"] for p in name.split("+"))
+        assert record["identity"]["parent"] == models["seed"]["key"]
+    for m in models["partitions"].values():
+        assert json.loads((pool_dir / m["key"] / "model.json").read_text())["identity"][
+            "parent"] == models["seed"]["key"]
+        metrics = (pool_dir / m["key"] / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in metrics]
+        assert rows and all(r["lr"] == pytest.approx(0.1 * config.optim.lr) for r in rows)
+
+    first = tmp / "first"
+    assert (first / "proxy_vs_gold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (first / "proxy_vs_gold.png").stat().st_size > 10_000
+    markdown = (first / "report.md").read_text()
+    for text in ["Pearson", "Spearman", "Training-token cost", "macro proxy",
+                 *report["mixtures"], *eval_sets]:
+        assert text in markdown
+
+
+def test_proxies_are_the_averages_of_the_partition_models(tiny_run):
+    """An independent merge (numpy, weights by hand) gives the proxy perplexities reported."""
+    tmp, overrides, report = tiny_run
+    config = _config(**overrides)
+    pools = pool_lib.build_pools(config)
+    pool_dir = tmp / "model_pool"
+    trainer = train.Trainer(abl.model_config(config, 5, str(pool_dir / "seed")))
+    triple = next(m for m in report["mixtures"] if m.count("+") == 2)
+    names = triple.split("+")
+    params = [checkpoint.load_params(str(pool_dir / report["models"]["partitions"][n]["key"]),
+                                     trainer.abstract_params()) for n in names]
+    groups = [n.split("-")[0] for n in names]
+    macro_weights = [1 / (len(set(groups)) * groups.count(g)) for g in groups]
+    for weights, field in (([1 / 3] * 3, "proxy_ppl"), (macro_weights, "proxy_macro_ppl")):
+        merged = jax.tree.map(lambda *xs, w=weights: sum(
+            wk * np.asarray(x, np.float64) for wk, x in zip(w, xs, strict=True)).astype(
+                np.float32), *params)
+        ppl = evaluate.perplexity_by_domain(trainer, merged, pools["heldout"], 32,
+                                            max_per_domain=2)
+        for r in report["pairs"]:
+            if r["mixture"] == triple:
+                assert r[field] == pytest.approx(ppl[r["eval_set"]], rel=1e-4), (field, r)
+
+
+def test_second_experiment_finds_every_model_in_the_pool(tiny_run, tmp_path, monkeypatch):
+    tmp, overrides, report = tiny_run
+    pool_dir = tmp / "model_pool"
+    before = {p: os.stat(p).st_mtime_ns for p in pool_dir.rglob("*")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"trained a model that is in the pool: {args[1]}")
+
+    monkeypatch.setattr(pretrain, "train_and_evaluate", no_training)
+    # Another experiment (other bootstrap) over the same seed, partitions and mixtures.
+    config = _config(**{**overrides, "ablation.bootstrap": 100})
+    abl.validate(config, jax.device_count())
+    second = abl.run(config, str(tmp_path / "second"))
+
+    models = second["models"]
+    every = [models["seed"], *models["partitions"].values(), *models["gold"].values()]
+    assert {m["status"] for m in every} == {"reused"}
+    assert {m["key"] for m in every} == {m["key"] for m in [
+        report["models"]["seed"], *report["models"]["partitions"].values(),
+        *report["models"]["gold"].values()]}
+    assert {p: os.stat(p).st_mtime_ns for p in pool_dir.rglob("*")} == before
+    # The same models give the same perplexities.
+    for a, b in zip(report["pairs"], second["pairs"], strict=True):
+        assert a["mixture"] == b["mixture"] and a["eval_set"] == b["eval_set"]
+        assert a["gold_ppl"] == b["gold_ppl"]
+        assert math.isclose(a["proxy_ppl"], b["proxy_ppl"], rel_tol=1e-6)
+    assert (tmp_path / "second" / "report.json").exists()
