@@ -59,7 +59,9 @@ def test_train_step_equals_independent_adamw():
         expected = _numpy_adamw(expected, flat(grads), mu, nu, count, config.optim, 1e-2)
         got = flat(state.params)
         for k in expected:
-            np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=2e-6, err_msg=k)
+            # 0.2% of one step's lr: float32 noise in near-zero gradients (rare tokens' rows)
+            # moves Adam's g / sqrt(v) a little; a wrong update would be off by ~lr.
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=2e-5, err_msg=k)
     assert int(state.step) == train_steps.STEPS
 
 

@@ -1,8 +1,8 @@
-"""Probes a tiny run on seeded rows and saves the results (process 0).
+"""Probes a saved train state, candidates and reference on a mesh and saves the results.
 
-Used by tests that compare meshes: every mesh builds the same train state (a few seeded train
-steps), candidates and reference, and saves exact and first-order influences and gradient
-features. Usage: python -m tests.workers.probe_worker OUT.npz [mesh.data mesh.fsdp]
+Used by tests that compare meshes: the state is built once (on one device) and loaded here with
+the trainer's shardings (params sharded over fsdp), so only the probes differ between meshes.
+Usage: python -m tests.workers.probe_worker IN.npz OUT.npz mesh.data mesh.fsdp
 """
 
 import sys
@@ -11,72 +11,58 @@ import jax
 import numpy as np
 
 from jaxsel import config as config_lib
-from jaxsel import probe, sharding, train
+from jaxsel import probe, train
 
-SEQ, VOCAB, BATCH, CHUNK = 32, 512, 8, 8
-PROJECTION = probe.GradProjection(k=64, seed=3, kind="gaussian", block_size=1000)
+SEQ, VOCAB, BATCH = 32, 512, 8
+PROJECTION = probe.GradProjection(k=512, seed=3, kind="gaussian", block_size=1000)
 
 
 def tiny_config(data: int = -1, fsdp: int = 1):
     c = config_lib.base_config("tiny")
     c.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, vocab_size=VOCAB)
-    c.data.seq_len, c.train.batch_size, c.train.steps = SEQ, BATCH, 50
-    c.optim.warmup_steps = 2
+    c.data.seq_len, c.train.batch_size, c.train.steps = SEQ, BATCH, 100
+    c.optim.warmup_steps = 5
     c.mesh.data, c.mesh.fsdp = data, fsdp
     return c
 
 
-def random_rows(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """n packed rows: 1-3 documents, the last row of them ending in padding (segment 0)."""
-    tokens = rng.integers(2, VOCAB, (n, SEQ)).astype(np.int32)
-    segments = np.zeros((n, SEQ), np.int32)
-    for row in range(n):
-        used = SEQ if row % 3 else int(rng.integers(SEQ // 2, SEQ))
-        cuts = np.sort(rng.choice(np.arange(2, used - 1), size=row % 3, replace=False))
-        for doc, (a, b) in enumerate(zip([0, *cuts], [*cuts, used], strict=True)):
-            segments[row, a:b] = doc + 1
-    return {"tokens": tokens, "segments": segments}
+def save_inputs(path, state, candidates, reference) -> None:
+    leaves = {f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+    np.savez(path, **leaves, **{f"candidates_{k}": v for k, v in candidates.items()},
+             **{f"reference_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(reference))})
 
 
-def trained_state(trainer, steps: int, rows_of_step):
-    """A state after `steps` train steps on `rows_of_step(step)` (global rows, this process
-    feeding its contiguous slice): real moments and a step count past warm-up."""
-    state = trainer.new_state(trainer.init_params(trainer.config.seed))
-    local = trainer.config.train.batch_size // jax.process_count()
-    mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-    for step in range(steps):
-        rows = {k: v[mine] for k, v in rows_of_step(step).items()}
-        state, _ = trainer.train_step(state, sharding.global_batch(rows, trainer.mesh))
-    return state
+def load_inputs(path, trainer):
+    """(state with the trainer's shardings, candidates, reference) saved by `save_inputs`."""
+    data = np.load(path)
+    structure = jax.tree.structure(trainer.abstract_state)
+    state = jax.tree.unflatten(structure, [data[f"state_{i}"]
+                                           for i in range(structure.num_leaves)])
+    state = jax.device_put(state, trainer.state_shardings)
+    candidates = {k: data[f"candidates_{k}"] for k in ("tokens", "segments")}
+    reference = probe.Reference(*(data[f"reference_{i}"] for i in range(3)))
+    return state, candidates, reference
 
 
-def setup(config):
-    """(trainer, state, candidates, reference) of the comparison: 10 candidates (two chunks, the
-    last one padded) and a 5-row reference where a random half of the positions count."""
-    rng = np.random.default_rng(0)
-    trainer = train.Trainer(config)
-    state = trained_state(trainer, 3, lambda step: random_rows(rng, BATCH))
-    candidates = random_rows(rng, 10)
-    rows = random_rows(rng, 5)
-    reference = probe.Reference(rows["tokens"], rows["segments"],
-                                rng.integers(0, 2, (5, SEQ)).astype(np.float32))
-    return trainer, state, candidates, reference
+def make_prober(trainer, chunk_size: int, eval_batch_size: int | None = None) -> probe.Prober:
+    return probe.Prober(trainer, chunk_size=chunk_size, reference_batch_size=2,
+                        eval_batch_size=eval_batch_size)
 
 
-def results(trainer, state, candidates, reference) -> dict[str, np.ndarray]:
-    prober = probe.Prober(trainer, chunk_size=CHUNK, reference_batch_size=2)
+def results(prober, state, candidates, reference) -> dict[str, np.ndarray]:
+    """Exact influences and gradient features: what the mesh comparison checks."""
     return {
         "oracle": prober.oracle_influence(state, candidates, reference, progress=False),
-        "first_order": prober.first_order_influence(state, candidates, reference,
-                                                    progress=False),
         "features": prober.grad_features(state.params, candidates, PROJECTION, progress=False),
     }
 
 
 def main():
-    out = sys.argv[1]
-    mesh = [int(x) for x in sys.argv[2:4]] if len(sys.argv) > 2 else [-1, 1]
-    found = results(*setup(tiny_config(*mesh)))
+    inputs, out, data, fsdp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    trainer = train.Trainer(tiny_config(data, fsdp))
+    # One chunk of 16, all candidates evaluated at once (the one-device run uses two chunks of
+    # 8, scanned two at a time): results do not depend on these knobs.
+    found = results(make_prober(trainer, chunk_size=16), *load_inputs(inputs, trainer))
     if jax.process_index() == 0:
         np.savez(out, **found)
 

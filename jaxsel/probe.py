@@ -1,0 +1,445 @@
+"""Vmapped per-example probing: losses, gradient features and exact one-step oracle influence.
+
+The engine under MATES and the similarity analysis. Everything below is a pure function of a
+params / train-state pytree and arrays; `Prober` jits them once per run with the run's shardings
+(parameters and optimizer state keep the `train.Trainer`'s layouts, candidate chunks are split over
+`data` x `fsdp`, reference sets and results are replicated) and feeds a pool through them in chunks.
+
+- Per-example loss: `pool_losses` (the project's one eval function, `evaluate.sequence_loss_sums`).
+- Per-example gradients: `per_example_grads`, `jax.vmap(jax.grad(example_loss))`.
+- Gradient features (TRAK / LESS style): `project` maps each example's gradient to `k` dimensions
+  with a seeded random matrix that is never materialised: each leaf is projected block by block
+  with Gaussian / Rademacher blocks drawn from `fold_in(fold_in(key(seed), leaf), block)`, and the
+  per-leaf projections are summed. Memory is `chunk_size x num_params` for the gradients plus one
+  `block_size x k` block, never `[N, num_params]` or `[num_params, k]`.
+- Exact oracle influence (MATES): from one pristine `TrainState`, one update of the run's own optax
+  transformation (real AdamW moments and step count, the schedule's learning rate at that step,
+  clipping, weight decay) on a single candidate, then the reference loss. Vmapped over a chunk of
+  candidates; the state is an input of the jitted function, never mutated or re-read from disk.
+- First-order influence: `<grad L_ref(params), update(x)>`, i.e. `-lr * <grad L_ref, direction>`,
+  and `first_order_spearman` to report how well it ranks like the exact one.
+- Reference sets (`Reference`): rows plus a per-position loss weight, so a perplexity reference
+  (`reference_from_rows`, e.g. of pool ids) and LAMBADA-style cloze items (`cloze_reference`, only
+  the last word's tokens count) share one loss function, `reference_loss`.
+
+Influence is `reference loss after the step - before`: negative means the candidate helps the
+reference set, so LOWER IS BETTER.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+from tqdm import tqdm
+
+from jaxsel import evaluate, loss, sharding
+from jaxsel.data import tokenizer as tokenizer_lib
+
+Array = jax.Array
+PROJECTION_KINDS = ("rademacher", "gaussian")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference sets.
+
+
+@flax.struct.dataclass
+class Reference:
+    """A reference set: `tokens_RxL`, `segments_RxL` int32 and `weights_RxL` float32.
+
+    `weights_RxL[r, t]` weights the loss of predicting token `t + 1` from position `t`; as
+    everywhere, only pairs inside one document count (`loss.next_token_targets`), whatever their
+    weight. The reference loss is the weighted mean of those token losses over the whole set.
+    """
+
+    tokens_RxL: Array
+    segments_RxL: Array
+    weights_RxL: Array
+
+
+def reference_from_rows(rows: Mapping[str, np.ndarray]) -> Reference:
+    """A perplexity reference: every next-token loss of `rows` (e.g. `pool.rows(ids)`) counts."""
+    tokens, segments = _check_rows(rows, "rows")
+    return Reference(np.asarray(tokens), np.asarray(segments),
+                     np.ones(tokens.shape, np.float32))
+
+
+def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer) -> Reference:
+    """LAMBADA-style cloze items: in each row only the tokens of its last whole word count.
+
+    The target of a row is the last word that is followed, inside the row and the same document,
+    by a word boundary (a token starting with whitespace or punctuation, or the end-of-document
+    token), so a word cut by the end of the row is never a target; the preceding tokens of its
+    document are the context. A word starts at a token that begins with whitespace, as byte-level
+    BPE tokenizes; that whitespace belongs to the target, as in LAMBADA's context / continuation
+    split. Rows without such a word after at least one context token are dropped; if none is
+    left, a ValueError names `rows`.
+    """
+    tokens, segments = _check_rows(rows, "rows")
+    tokens, segments = np.asarray(tokens), np.asarray(segments)
+    weights = np.zeros(tokens.shape, np.float32)
+    keep = []
+    for r in range(tokens.shape[0]):
+        pieces = tokenizer.decode_batch([[int(t)] for t in tokens[r]])
+        span = _last_word_span(pieces, segments[r])
+        if span is not None:
+            start, end = span
+            weights[r, start - 1:end] = 1.0  # Position t predicts token t + 1.
+            keep.append(r)
+    if not keep:
+        raise ValueError(f"rows: none of the {tokens.shape[0]} rows has a whole last word after "
+                         "some context")
+    return Reference(tokens[keep], segments[keep], weights[keep])
+
+
+def cloze_from_pool(pool, domain: str, max_items: int) -> Reference:
+    """Cloze items (`cloze_reference`) from the first `max_items` rows of `domain` in `pool`,
+    decoded with the pool's own tokenizer, e.g. the held-out prose of the local corpus."""
+    if max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
+    tokenizer = tokenizer_lib.load_tokenizer(pool.tokenizer_path)
+    return cloze_reference(pool.rows(pool.ids_of_domain(domain)[:max_items]), tokenizer)
+
+
+def _last_word_span(pieces: Sequence[str], segments_L: np.ndarray) -> tuple[int, int] | None:
+    """(first, last) token index of the row's last whole word with context, or None."""
+    end = len(pieces) - 2  # The last token has no known boundary after it.
+    while end >= 1:
+        seg = segments_L[end]
+        after = pieces[end + 1]
+        bounded = segments_L[end + 1] == seg and (
+            after == "" or after[0].isspace() or not (after[0].isalnum() or after[0] == "\ufffd"))
+        if seg == 0 or not bounded or not any(ch.isalnum() for ch in pieces[end]):
+            end -= 1
+            continue
+        start = end  # The word starts at a token beginning with whitespace.
+        while start >= 1 and segments_L[start - 1] == seg and not pieces[start][:1].isspace():
+            start -= 1
+        if start >= 1 and segments_L[start - 1] == seg and pieces[start][:1].isspace():
+            return start, end
+        end = start - 1
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions: losses, gradients, projections, influence.
+
+
+def example_loss(model, params, tokens_L: Array, segments_L: Array) -> Array:
+    """Mean token loss of one sequence: the training objective on a batch of that sequence alone."""
+    batch = {"tokens": tokens_L[None], "segments": segments_L[None]}
+    return loss.make_loss_fn(model)(params, batch)[0]
+
+
+def reference_loss(model, params, reference: Reference, batch_size: int) -> Array:
+    """Weighted mean next-token loss of `reference` (see `Reference`), float32 scalar.
+
+    Rows are scanned in batches of `batch_size` (padded with empty rows), so activation memory is
+    that of one batch even when this is vmapped over many candidates' parameters.
+    """
+
+    def add(sums, batch):
+        return sums + jnp.stack(_weighted_loss_sums(model, params, *batch)), None
+
+    sums, _ = jax.lax.scan(add, jnp.zeros(2, jnp.float32), _batches(reference, batch_size))
+    return sums[0] / sums[1]
+
+
+def reference_grad(model, params, reference: Reference, batch_size: int):
+    """The gradient of `reference_loss` with respect to `params`, accumulated batch by batch
+    (memory of one batch of activations, not of the whole reference set)."""
+    value_and_grad = jax.value_and_grad(_weighted_loss_sums, argnums=1, has_aux=True)
+
+    def add(carry, batch):
+        grads, weight = carry
+        (_, batch_weight), batch_grads = value_and_grad(model, params, *batch)
+        return (jax.tree.map(jnp.add, grads, batch_grads), weight + batch_weight), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, weight), _ = jax.lax.scan(add, (zeros, jnp.zeros((), jnp.float32)),
+                                      _batches(reference, batch_size))
+    return jax.tree.map(lambda g: g / weight, grads)
+
+
+def _batches(reference: Reference, batch_size: int) -> tuple[Array, Array, Array]:
+    """tokens, segments, weights as [num_batches, batch_size, L], padded with empty rows."""
+    num_rows = reference.tokens_RxL.shape[0]
+    batch_size = min(batch_size, num_rows)
+    num_batches = -(-num_rows // batch_size)
+
+    def split(x_RxL):
+        padded = jnp.pad(x_RxL, ((0, num_batches * batch_size - num_rows), (0, 0)))
+        return padded.reshape(num_batches, batch_size, x_RxL.shape[1])
+
+    return (split(reference.tokens_RxL), split(reference.segments_RxL),
+            split(reference.weights_RxL.astype(jnp.float32)))
+
+
+def _weighted_loss_sums(model, params, tokens_BxL, segments_BxL, weights_BxL
+                        ) -> tuple[Array, Array]:
+    """(sum of weighted next-token losses, sum of weights) of one batch of reference rows."""
+    logits_BxLxV = model.apply(params, tokens_BxL, segments_BxL)
+    losses_BxL, mask_BxL = loss.token_losses(logits_BxLxV, tokens_BxL, segments_BxL)
+    w_BxL = mask_BxL * weights_BxL
+    return (losses_BxL * w_BxL).sum(), w_BxL.sum()
+
+
+def per_example_grads(model, params, batch: loss.Batch):
+    """The gradient of `example_loss` for each row of `batch`: params' pytree with a leading [B]."""
+    grad = jax.grad(functools.partial(example_loss, model))
+    return jax.vmap(grad, in_axes=(None, 0, 0))(params, batch["tokens"], batch["segments"])
+
+
+def candidate_updates(model, tx: optax.GradientTransformation, state, tokens_L: Array,
+                      segments_L: Array):
+    """The parameter update (a pytree like `state.params`) that one step of `tx` from `state`
+    (its moments, step count and hence learning rate) applies when trained on this row alone."""
+    grads = jax.grad(functools.partial(example_loss, model))(state.params, tokens_L, segments_L)
+    updates, _ = tx.update(grads, state.opt_state, state.params)
+    return updates
+
+
+def chunk_oracle_influence(state, batch: loss.Batch, reference: Reference, *, model, tx,
+                           reference_batch_size: int, eval_batch_size: int) -> Array:
+    """[B] exact one-step influence: reference loss after one `tx` step on each row of `batch`
+    alone, minus the reference loss at `state`. Lower (more negative) is better.
+
+    The B updated parameter sets are computed vmapped; their reference losses are evaluated
+    `eval_batch_size` candidates at a time (vmapped within a batch, batches scanned).
+    """
+    before = reference_loss(model, state.params, reference, reference_batch_size)
+
+    def updated(tokens_L, segments_L):
+        updates = candidate_updates(model, tx, state, tokens_L, segments_L)
+        return optax.apply_updates(state.params, updates)
+
+    params_B = jax.vmap(updated)(batch["tokens"], batch["segments"])
+    after_B = jax.lax.map(lambda params: reference_loss(model, params, reference,
+                                                        reference_batch_size),
+                          params_B, batch_size=eval_batch_size)
+    return after_B - before
+
+
+def chunk_first_order_influence(state, batch: loss.Batch, reference: Reference, *, model, tx,
+                                reference_batch_size: int) -> Array:
+    """[B] first-order influence `<grad L_ref(params), update(x)>`, the linearisation of
+    `chunk_oracle_influence` (optax updates already carry the `-lr`). Lower is better."""
+    grad_ref = reference_grad(model, state.params, reference, reference_batch_size)
+
+    def dot(tokens_L, segments_L):
+        return optax.tree.vdot(grad_ref, candidate_updates(model, tx, state, tokens_L, segments_L))
+
+    return jax.vmap(dot)(batch["tokens"], batch["segments"])
+
+
+@dataclasses.dataclass(frozen=True)
+class GradProjection:
+    """A seeded random projection of gradients to `k` dimensions, E[<Pu, Pv>] = <u, v>.
+
+    The matrix has i.i.d. entries `kind` (Rademacher +-1 or standard Gaussian) scaled by
+    1/sqrt(k). Block `j` of leaf `i` (rows `j*block_size ...` of the leaf's flattened parameters,
+    leaves in `jax.tree.leaves` order) is drawn from `fold_in(fold_in(key(seed), i), j)`, so it is
+    a pure function of these fields. `normalize` L2-normalises each feature row (as LESS does).
+    """
+
+    k: int
+    seed: int = 0
+    kind: str = "rademacher"
+    normalize: bool = False
+    block_size: int = 4096
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"projection.k must be >= 1, got {self.k}")
+        if self.kind not in PROJECTION_KINDS:
+            raise ValueError(f"projection.kind {self.kind!r} is not one of {PROJECTION_KINDS}")
+        if self.block_size < 1:
+            raise ValueError(f"projection.block_size must be >= 1, got {self.block_size}")
+
+
+def project(grads_B, projection: GradProjection) -> Array:
+    """[B, k] float32 features of a pytree of per-example gradients (each leaf [B, ...])."""
+    key = jax.random.key(projection.seed)
+    leaves = jax.tree.leaves(grads_B)
+    features_BxK = sum(
+        _project_leaf(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32),
+                      jax.random.fold_in(key, i), projection)
+        for i, leaf in enumerate(leaves))
+    if projection.normalize:
+        norms_Bx1 = jnp.linalg.norm(features_BxK, axis=-1, keepdims=True)
+        features_BxK = features_BxK / jnp.maximum(norms_Bx1, jnp.finfo(jnp.float32).tiny)
+    return features_BxK
+
+
+def _project_leaf(g_BxP: Array, key: Array, projection: GradProjection) -> Array:
+    """`g_BxP @ R_PxK`, generating R one `block x k` block at a time inside a loop."""
+    num, size = g_BxP.shape
+    block = min(projection.block_size, size)
+    num_blocks = -(-size // block)
+    g_BxP = jnp.pad(g_BxP, ((0, 0), (0, num_blocks * block - size)))
+    draw = jax.random.rademacher if projection.kind == "rademacher" else jax.random.normal
+    scale = 1.0 / np.sqrt(projection.k)
+
+    def add(j, acc_BxK):
+        g_block = jax.lax.dynamic_slice_in_dim(g_BxP, j * block, block, axis=1)
+        r_block = draw(jax.random.fold_in(key, j), (block, projection.k), jnp.float32)
+        return acc_BxK + g_block @ r_block
+
+    return jax.lax.fori_loop(0, num_blocks, add, jnp.zeros((num, projection.k), jnp.float32)) \
+        * scale
+
+
+def chunk_grad_features(params, batch: loss.Batch, projection: GradProjection, *, model) -> Array:
+    """[B, k] projected per-example gradients of the rows of `batch`."""
+    return project(per_example_grads(model, params, batch), projection)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driving a pool through the jitted functions.
+
+
+class Prober:
+    """The probes of one run (`train.Trainer`: model, optimizer, mesh, shardings), jitted once.
+
+    Candidates are given as `{"tokens", "segments"}` [N, L] arrays with `L = config.data.seq_len`
+    (e.g. `pool.rows(ids)`, or a pool's memory-mapped `tokens` / `segments`: only one chunk is
+    read at a time) and processed in chunks of `chunk_size` rows, vmapped and split over
+    `data` x `fsdp`; the last chunk is padded with empty rows whose results are dropped. Memory is
+    about `chunk_size x num_params`: the chunk size is the knob. Every process passes the same
+    candidates and gets all results; results are numpy arrays aligned with the candidates' rows.
+
+    Reference sets are evaluated `reference_batch_size` rows at a time, and the oracle evaluates
+    them for `eval_batch_size` candidates at once (default: the whole chunk, vmapped, which is
+    what accelerators and meshes want; on a CPU, where batching raises no utilisation, 1 is
+    fastest). Activation memory scales with their product.
+    """
+
+    def __init__(self, trainer, chunk_size: int = 16, reference_batch_size: int = 16,
+                 eval_batch_size: int | None = None):
+        mesh = trainer.mesh
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if chunk_size < 1 or chunk_size % shards or chunk_size % jax.process_count():
+            raise ValueError(f"chunk_size must be a positive multiple of the batch-parallel size "
+                             f"mesh.data*mesh.fsdp={shards} and of the {jax.process_count()} "
+                             f"processes, got {chunk_size}")
+        if reference_batch_size < 1:
+            raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
+        eval_batch_size = chunk_size if eval_batch_size is None else eval_batch_size
+        if not 1 <= eval_batch_size <= chunk_size:
+            raise ValueError(f"eval_batch_size must be in [1, chunk_size={chunk_size}], got "
+                             f"{eval_batch_size}")
+        self.trainer, self.chunk_size = trainer, chunk_size
+        self.seq_len = trainer.config.data.seq_len
+        rows = {"tokens": sharding.batch_sharding(mesh), "segments": sharding.batch_sharding(mesh)}
+        replicated = sharding.replicated(mesh)
+        influence = dict(model=trainer.model, tx=trainer.tx,
+                         reference_batch_size=reference_batch_size)
+        jit_influence = functools.partial(
+            jax.jit, in_shardings=(trainer.state_shardings, rows, replicated),
+            out_shardings=replicated)
+        self._oracle = jit_influence(functools.partial(
+            chunk_oracle_influence, **influence, eval_batch_size=eval_batch_size))
+        self._first_order = jit_influence(
+            functools.partial(chunk_first_order_influence, **influence))
+        self._features = jax.jit(
+            functools.partial(chunk_grad_features, model=trainer.model), static_argnums=2,
+            in_shardings=(trainer.param_shardings, rows), out_shardings=replicated)
+
+    def oracle_influence(self, state, candidates: Mapping[str, np.ndarray],
+                         reference: Reference, progress: bool = True) -> np.ndarray:
+        """[N] float32 exact one-step influence of each candidate on `reference` from `state`
+        (`chunk_oracle_influence`): reference loss after - before. Lower is better."""
+        return self._map_chunks(self._oracle, state, candidates, (self._put(reference),),
+                                "oracle influence", progress)
+
+    def first_order_influence(self, state, candidates: Mapping[str, np.ndarray],
+                              reference: Reference, progress: bool = True) -> np.ndarray:
+        """[N] float32 first-order influence (`chunk_first_order_influence`). Lower is better."""
+        return self._map_chunks(self._first_order, state, candidates, (self._put(reference),),
+                                "first-order influence", progress)
+
+    def grad_features(self, params, candidates: Mapping[str, np.ndarray],
+                      projection: GradProjection, progress: bool = True) -> np.ndarray:
+        """[N, k] float32 projected per-example gradients (`project`)."""
+        return self._map_chunks(self._features, params, candidates, (projection,),
+                                "gradient features", progress)
+
+    def _put(self, reference: Reference) -> Reference:
+        """Checks `reference` and makes it a replicated global array on the mesh."""
+        tokens, segments, weights = (np.asarray(x) for x in (
+            reference.tokens_RxL, reference.segments_RxL, reference.weights_RxL))
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            raise ValueError(f"reference: needs [R, L] rows with R >= 1, got tokens of shape "
+                             f"{tokens.shape}")
+        if segments.shape != tokens.shape or weights.shape != tokens.shape:
+            raise ValueError(f"reference: tokens {tokens.shape}, segments {segments.shape} and "
+                             f"weights {weights.shape} must have one shape")
+        _, mask = loss.next_token_targets(tokens, segments)
+        if not float((np.asarray(mask) * weights).sum()) > 0:
+            raise ValueError("reference: no next-token target has a positive weight")
+        replicated = sharding.replicated(self.trainer.mesh)
+        return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in (
+            tokens.astype(np.int32), segments.astype(np.int32), weights.astype(np.float32))))
+
+    def _map_chunks(self, fn, state_or_params, candidates, extra: tuple, desc: str,
+                    progress: bool) -> np.ndarray:
+        """`fn(state_or_params, chunk, *extra)` over the candidates' chunks, concatenated."""
+        tokens, segments = _check_rows(candidates, "candidates", self.seq_len)
+        num, size = tokens.shape[0], self.chunk_size
+        local = size // jax.process_count()
+        mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        out = []
+        starts = range(0, num, size)
+        for start in tqdm(starts, desc=desc, disable=not progress or jax.process_index() != 0):
+            stop = min(start + size, num)
+            rows = {k: np.pad(np.asarray(v[start:stop], np.int32),
+                              ((0, size - (stop - start)), (0, 0)))[mine]
+                    for k, v in (("tokens", tokens), ("segments", segments))}
+            result = fn(state_or_params, sharding.global_batch(rows, self.trainer.mesh), *extra)
+            out.append(np.asarray(jax.device_get(result), np.float32)[:stop - start])
+        return np.concatenate(out)
+
+
+def pool_losses(trainer, params, pool, batch_size: int, ids: np.ndarray | None = None,
+                progress: bool = True) -> np.ndarray:
+    """Mean token loss of each sequence, [len(ids)] float32 aligned with `ids` (default: the whole
+    pool, so row i is pool id i); 0 for a sequence without a target. Uses the one eval function,
+    `evaluate.sequence_loss_sums` (`Trainer.sequence_losses`, jitted and sharded)."""
+    ids = np.arange(len(pool)) if ids is None else np.asarray(ids)
+    sums = evaluate.sequence_loss_sums(trainer, params, pool, ids, batch_size, progress)
+    return (sums[:, 0] / np.maximum(sums[:, 1], 1.0)).astype(np.float32)
+
+
+def first_order_spearman(exact_N: np.ndarray, first_order_N: np.ndarray) -> float:
+    """Spearman rank correlation of first-order and exact influences of the same candidates
+    (1: the cheap approximation ranks candidates exactly like the oracle)."""
+    exact_N, first_order_N = np.asarray(exact_N), np.asarray(first_order_N)
+    if exact_N.ndim != 1 or exact_N.shape != first_order_N.shape or exact_N.size < 2:
+        raise ValueError(f"exact_N {exact_N.shape} and first_order_N {first_order_N.shape} must "
+                         "be [N] arrays of one shape with N >= 2")
+    return float(scipy.stats.spearmanr(exact_N, first_order_N).statistic)
+
+
+def _check_rows(rows, name: str, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`rows["tokens"]`, `rows["segments"]` after checking they are [N, L] with N >= 1 (and
+    L = seq_len); reads no data, so memory-mapped pools stay on disk."""
+    if not isinstance(rows, Mapping) or not {"tokens", "segments"} <= set(rows):
+        raise ValueError(f"{name}: expected a mapping with 'tokens' and 'segments' arrays")
+    tokens, segments = np.asarray(rows["tokens"]), np.asarray(rows["segments"])
+    if tokens.ndim != 2 or tokens.shape != segments.shape:
+        raise ValueError(f"{name}: tokens {tokens.shape} and segments {segments.shape} must be "
+                         "[N, L] arrays of one shape")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name}: empty (0 sequences)")
+    if seq_len is not None and tokens.shape[1] != seq_len:
+        raise ValueError(f"{name}: sequences have {tokens.shape[1]} tokens but the run's "
+                         f"config.data.seq_len is {seq_len}")
+    return tokens, segments
