@@ -18,7 +18,6 @@ Each timing is the median of `--repeats` runs after one warm-up run (which compi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.common import emit
 from jaxsel import merge
 
 
@@ -74,9 +74,8 @@ def measure(models: list, repeats: int) -> dict:
     """Prints one JSON line per measurement; returns the sizes and GB/s of each."""
     params = sum(x.size for x in jax.tree.leaves(models[0]))
     total_bytes = sum(x.nbytes for model in models for x in jax.tree.leaves(model))
-    print(json.dumps({"models": len(models), "params_per_model": params,
-                      "bytes_read": total_bytes, "device": str(jax.devices()[0]),
-                      "cpu_count": os.cpu_count()}), flush=True)
+    emit({"models": len(models), "params_per_model": params, "bytes_read": total_bytes,
+          "device": str(jax.devices()[0]), "cpu_count": os.cpu_count()})
 
     # Host views of the same buffers (zero-copy on CPU) and one model-sized destination.
     sources = [[np.asarray(x) for x in jax.tree.leaves(model)] for model in models]
@@ -92,8 +91,7 @@ def measure(models: list, repeats: int) -> dict:
                      ("average_stream", lambda: run_average_stream(models))):
         seconds = median_seconds(fn, repeats)
         results[name] = total_bytes / seconds / 1e9
-        print(json.dumps({"name": name, "median_s": round(seconds, 4),
-                          "gb_per_s": round(results[name], 3)}), flush=True)
+        emit({"name": name, "median_s": round(seconds, 4), "gb_per_s": round(results[name], 3)})
     return results
 
 
@@ -105,14 +103,14 @@ def main() -> None:
     args = parser.parse_args()
 
     results = measure(make_models(args.k, args.layers), args.repeats)  # Models freed on return.
-    print(json.dumps({
+    emit({
         "summary": "merge", "models": results["models"],
         "params_per_model": results["params_per_model"],
         "average_gb_per_s": round(results["average"], 3),
         "memcpy_gb_per_s": round(results["memcpy"], 3),
         "bandwidth_fraction": round(results["average"] / results["memcpy"], 3),
         "stream_gb_per_s": round(results["average_stream"], 3),
-    }), flush=True)
+    })
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import os
 import time
 
 import jax
 import numpy as np
 
+from benchmarks.common import emit
 from jaxsel import config as config_lib
 from jaxsel import probe, sharding, train
 from jaxsel.data import pool as pool_lib
@@ -56,10 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
 
 
 def head(candidates: dict, n: int) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 
@@ -34,13 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import emit
 from jaxsel import search
 from jaxsel.model import encoder as encoder_lib
-
-
-def emit(record: dict) -> dict:
-    print(json.dumps(record), flush=True)
-    return record
 
 
 def make_data(n: int, dim: int, num_queries: int, centres: int, seed: int):
