@@ -12,13 +12,14 @@ wall second: about the core count when the machine is not shared), then a summar
 - `model_flops_per_s`: `3 * matmul_flops_per_token(cfg, seq_len)` FLOPs per token (every matmul:
   q/k/v/out projections, the full L x L attention scores and values, the MLP, the LM head;
   backward = 2x forward) times `tokens_per_s`;
-- `matmul_peak_flops_per_s`: the best rate (2*M*N*K FLOPs per second) of jitted float32 matmuls on
-  the same devices, in the same process, interleaved with the train steps: a square 2048 matmul and
-  the model's own MLP shapes ([B*L, d] x [d, mlp] and [B*L, mlp] x [mlp, d]). The best sample, not
-  the median: load from other processes only slows a sample down, and a median would let it deflate
-  the denominator (the per-shape medians are reported too);
-- `mfu`: `model_flops_per_s / matmul_peak_flops_per_s`; `mfu_paired` is the median over rounds of
-  the train rate over the best matmul rate of the same round;
+- `matmul_peak_flops_per_s`: the rate (2*M*N*K FLOPs per second) of jitted float32 matmuls on the
+  same devices, in the same process, interleaved with the train steps: the highest per-shape median
+  of a square 2048 matmul and the model's own MLP shapes ([B*L, d] x [d, mlp] and
+  [B*L, mlp] x [mlp, d]);
+- `mfu`: `model_flops_per_s / matmul_peak_flops_per_s`. Beside it, for a machine shared with other
+  work: `mfu_vs_best_sample` (against the fastest single matmul sample of the run: a lower bound),
+  `mfu_paired` (median over rounds of the train rate over the best matmul rate of the same round)
+  and the median `cpu_util` of the train steps and the matmuls;
 - `pipeline_tokens_per_s`: tokens per second `jaxsel.data.pipeline.make_batches` delivers (one
   process, the same batch size and seed) from a synthetic pool of the same seq_len built through
   `jaxsel.data.pool.build_pools` in a temporary cache, and `pipeline_to_train_ratio`.
@@ -31,7 +32,6 @@ timing) and block on the final state of each timed run; the train figures are me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -42,15 +42,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from benchmarks.common import emit
 from jaxsel import config as config_lib
 from jaxsel import sharding, train
 from jaxsel.data import pipeline
 from jaxsel.data import pool as pool_lib
 from jaxsel.model.transformer import ModelConfig, count_params, matmul_flops_per_token
-
-
-def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
 
 
 def make_config(args) -> ml_collections.ConfigDict:
@@ -150,13 +147,14 @@ def main() -> None:
 
         # Interleaved rounds: every matmul shape, then `steps` train steps.
         peak_rates = {p.shape: [] for p in peaks}
-        train_rates, paired = [], []
+        train_rates, paired, train_utils, matmul_utils = [], [], [], []
         step_index = 1
         for r in range(args.rounds):
             round_peak = 0.0
             for p in peaks:
                 rate, util = p.sample()
                 peak_rates[p.shape].append(rate)
+                matmul_utils.append(util)
                 round_peak = max(round_peak, rate)
                 emit({"measure": "matmul", "round": r, "mkn": list(p.shape),
                       "flops_per_s": round(rate), "cpu_util": round(util, 2)})
@@ -169,11 +167,11 @@ def main() -> None:
             step_s = wall / args.steps
             train_rates.append(flops_per_step / step_s)
             paired.append(train_rates[-1] / round_peak)
+            train_utils.append((time.process_time() - cpu) / wall)
             emit({"measure": "train_step", "round": r, "step_s": round(step_s, 4),
                   "tokens_per_s": round(tokens_per_step / step_s, 1),
                   "model_flops_per_s": round(train_rates[-1]),
-                  "cpu_util": round((time.process_time() - cpu) / wall, 2),
-                  "loss": float(metrics["loss"])})
+                  "cpu_util": round(train_utils[-1], 2), "loss": float(metrics["loss"])})
 
         # The input pipeline, alone: the same pool, batch size and seed the steps above read.
         pipeline_rates = []
@@ -184,10 +182,11 @@ def main() -> None:
             emit({"measure": "pipeline", "round": r, "batches": args.pipeline_batches,
                   "tokens_per_s": round(rate)})
 
-    # The peak is the best rate any matmul sample reached: load from other processes on a shared
-    # machine only ever slows a sample down, so a median would deflate the denominator.
-    peak_shape, peak = max(((shape, max(v)) for shape, v in peak_rates.items()),
-                           key=lambda item: item[1])
+    # The peak: the highest per-shape median. Beside it, the MFU against the fastest single sample:
+    # load from other processes only slows samples down, so that one is a lower bound.
+    medians = {shape: statistics.median(v) for shape, v in peak_rates.items()}
+    peak_shape = max(medians, key=medians.get)
+    peak, best = medians[peak_shape], max(max(v) for v in peak_rates.values())
     model_flops_per_s = statistics.median(train_rates)
     tokens_per_s = model_flops_per_s / flops_per_step * tokens_per_step
     pipeline_tokens_per_s = statistics.median(pipeline_rates)
@@ -196,10 +195,12 @@ def main() -> None:
           "tokens_per_s": round(tokens_per_s, 1),
           "model_flops_per_s": round(model_flops_per_s),
           "matmul_peak_flops_per_s": round(peak), "matmul_peak_mkn": list(peak_shape),
-          "matmul_median_flops_per_s": {"x".join(map(str, shape)): round(statistics.median(v))
-                                        for shape, v in peak_rates.items()},
           "mfu": round(model_flops_per_s / peak, 4),
+          "matmul_best_sample_flops_per_s": round(best),
+          "mfu_vs_best_sample": round(model_flops_per_s / best, 4),
           "mfu_paired": round(statistics.median(paired), 4),
+          "train_cpu_util": round(statistics.median(train_utils), 2),
+          "matmul_cpu_util": round(statistics.median(matmul_utils), 2),
           "pipeline_tokens_per_s": round(pipeline_tokens_per_s),
           "pipeline_to_train_ratio": round(pipeline_tokens_per_s / tokens_per_s, 1),
           "loadavg_1m": round(os.getloadavg()[0], 2)})
