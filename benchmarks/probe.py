@@ -10,10 +10,14 @@ pool, and a reference set of `--reference_items` cloze items (last word only) fr
 prose of `--reference_domain`. Prints one JSON line per measurement, then a summary object with:
 
 - `oracle_probes_per_s`: exact one-step influences per second, `Prober.oracle_influence`;
-- `oracle_probes_per_s_loop`: the original MATES method, one candidate at a time: restore the
-  pristine state (from a host copy), one jitted `Trainer.train_step` on that candidate, one jitted
-  reference eval; `oracle_speedup` is their ratio, `oracle_loop_time_fraction` splits the loop's
-  time into those three phases, and `oracle_max_abs_diff_loop` checks that both compute the same;
+- `oracle_probes_per_s_loop`: the original MATES method (`probe_oracle_data_influence.py`), one
+  candidate at a time: restore the pristine state from its checkpoint on disk (orbax, as their
+  `fabric.load`), one jitted `Trainer.train_step` on that candidate, one jitted reference eval with
+  logits at every position (as their cross-entropy over whole sequences with ignored labels);
+  `oracle_speedup` is their ratio, `oracle_loop_time_fraction` splits the loop's time into those
+  three phases, `oracle_speedup_without_restore` compares against the loop's step and eval time
+  alone (a loop that never restores, which no exact loop can beat), and
+  `oracle_max_abs_diff_loop` checks that both compute the same;
 - `grad_features_per_s` / `grad_features_per_s_loop` / `grad_speedup`: projected per-example
   gradients (`--k` dims), `Prober.grad_features` against the same jitted function on one example
   at a time (whose projection is generated again for every example);
@@ -30,14 +34,15 @@ import argparse
 import collections
 import functools
 import os
+import tempfile
 import time
 
 import jax
 import numpy as np
 
 from benchmarks.common import emit
+from jaxsel import checkpoint, probe, sharding, train
 from jaxsel import config as config_lib
-from jaxsel import probe, sharding, train
 from jaxsel.data import pool as pool_lib
 
 
@@ -91,29 +96,47 @@ def setup(args):
           "reference_batch_size": args.reference_batch_size,
           "eval_batch_size": args.eval_batch_size,
           "reference_items": int(reference.tokens_RxL.shape[0]),
-          "reference_targets": int(reference.weights_RxL.sum()), "k": args.k,
+          "reference_targets": int(reference.weights_RxK.sum()), "k": args.k,
           "step": int(state.step), "device": str(jax.devices()[0]),
           "devices": jax.device_count(), "cpu_count": os.cpu_count()})
     return trainer, state, train_pool.rows(ids), reference
 
 
-def make_oracle_loop(trainer, reference, batch_size: int):
-    """The original method as `loop(state, candidates) -> (influences, seconds by phase)`: per
-    candidate, restore the pristine state from a host copy, one jitted train step on that
-    candidate alone, one jitted reference eval."""
+def dense(reference: probe.Reference) -> probe.Reference:
+    """The same reference set with every position's logits computed (weight 0 where not read)."""
+    tokens, positions, weights = (np.asarray(x) for x in (
+        reference.tokens_RxL, reference.positions_RxK, reference.weights_RxK))
+    weights_RxL = np.zeros(tokens.shape, np.float32)
+    np.add.at(weights_RxL, (np.arange(len(tokens))[:, None], positions), weights)
+    everywhere = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    return probe.Reference(tokens, np.asarray(reference.segments_RxL), everywhere, weights_RxL)
+
+
+def make_oracle_loop(trainer, state, reference, batch_size: int, workdir: str):
+    """The original method as `loop(candidates) -> (influences, seconds by phase)`: `state` is
+    saved once as a checkpoint in `workdir`; per candidate, it is restored from disk, one jitted
+    train step runs on that candidate alone, and one jitted eval of the dense reference."""
+    mngr = checkpoint.manager(workdir, keep=1)
+    checkpoint.save(mngr, int(state.step), state.params, state.opt_state,
+                    {"step": int(state.step)})
+    mngr.wait_until_finished()
+    abstract = trainer.abstract_state
     put = functools.partial(jax.make_array_from_process_local_data,
                             sharding.replicated(trainer.mesh))
-    ref = probe.Reference(*(put(np.asarray(x)) for x in jax.tree.leaves(reference)))
+    ref = probe.Reference(*(put(x) for x in jax.tree.leaves(dense(reference))))
     ref_loss = jax.jit(functools.partial(probe.reference_loss, trainer.model,
                                          batch_size=batch_size))
+    before = float(ref_loss(state.params, ref))
 
-    def loop(state, candidates) -> tuple[np.ndarray, dict[str, float]]:
-        host_state = jax.device_get(state)
-        before = float(ref_loss(state.params, ref))
+    def loop(candidates) -> tuple[np.ndarray, dict[str, float]]:
         out, phases = [], collections.Counter()
         for i in range(len(candidates["tokens"])):
             clock = time.perf_counter()
-            pristine = jax.block_until_ready(jax.device_put(host_state, trainer.state_shardings))
+            params, opt_state, meta = checkpoint.restore(mngr, abstract.params,
+                                                         abstract.opt_state)
+            pristine = jax.block_until_ready(train.TrainState(
+                jax.device_put(np.int32(meta["step"]), trainer.state_shardings.step), params,
+                opt_state))
             phases["restore"] += time.perf_counter() - clock
             clock = time.perf_counter()
             one = sharding.global_batch({k: v[i:i + 1] for k, v in candidates.items()},
@@ -142,8 +165,8 @@ def make_features_loop(trainer, projection):
     return loop
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace, workdir: str) -> None:
+    """Every measurement and the summary; the loop's checkpoint lives in `workdir`."""
     rounds = args.rounds
     if args.candidates % rounds or args.loop_candidates % rounds:
         raise ValueError(f"--candidates and --loop_candidates must be multiples of --rounds "
@@ -156,11 +179,11 @@ def main() -> None:
                           reference_batch_size=args.reference_batch_size,
                           eval_batch_size=args.eval_batch_size)
     projection = probe.GradProjection(k=args.k, seed=args.seed)
-    oracle_loop = make_oracle_loop(trainer, reference, args.reference_batch_size)
+    oracle_loop = make_oracle_loop(trainer, state, reference, args.reference_batch_size, workdir)
     features_loop = make_features_loop(trainer, projection)
     measures = {
         "oracle": lambda c: prober.oracle_influence(state, c, reference, progress=False),
-        "oracle_loop": lambda c: oracle_loop(state, head(c, n_loop)),
+        "oracle_loop": lambda c: oracle_loop(head(c, n_loop)),
         "first_order": lambda c: prober.first_order_influence(state, c, reference,
                                                               progress=False),
         "grad_features": lambda c: prober.grad_features(state.params, c, projection,
@@ -207,9 +230,17 @@ def main() -> None:
     }
     summary["oracle_speedup"] = summary["oracle_probes_per_s"] / summary[
         "oracle_probes_per_s_loop"]
+    summary["oracle_speedup_without_restore"] = summary["oracle_speedup"] * (
+        1 - summary["oracle_loop_time_fraction"]["restore"])
     summary["grad_speedup"] = summary["grad_features_per_s"] / summary[
         "grad_features_per_s_loop"]
     emit(summary)
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="probe_benchmark_") as workdir:
+        measure(args, workdir)
 
 
 if __name__ == "__main__":

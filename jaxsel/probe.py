@@ -18,9 +18,10 @@ params / train-state pytree and arrays; `Prober` jits them once per run with the
   candidates; the state is an input of the jitted function, never mutated or re-read from disk.
 - First-order influence: `<grad L_ref(params), update(x)>`, i.e. `-lr * <grad L_ref, direction>`,
   and `first_order_spearman` to report how well it ranks like the exact one.
-- Reference sets (`Reference`): rows plus a per-position loss weight, so a perplexity reference
-  (`reference_from_rows`, e.g. of pool ids) and LAMBADA-style cloze items (`cloze_reference`, only
-  the last word's tokens count) share one loss function, `reference_loss`.
+- Reference sets (`Reference`): rows plus the positions whose next-token losses count and their
+  weights, so a perplexity reference (`reference_from_rows`, e.g. of pool ids) and LAMBADA-style
+  cloze items (`cloze_reference`, only the last word's tokens count) share one loss function,
+  `reference_loss`, which runs the LM head at those positions alone.
 
 Influence is `reference loss after the step - before`: negative means the candidate helps the
 reference set, so LOWER IS BETTER.
@@ -53,23 +54,48 @@ PROJECTION_KINDS = ("rademacher", "gaussian")
 
 @flax.struct.dataclass
 class Reference:
-    """A reference set: `tokens_RxL`, `segments_RxL` int32 and `weights_RxL` float32.
+    """A reference set: rows `tokens_RxL`, `segments_RxL` int32, and in each row K positions
+    `positions_RxK` int32 with weights `weights_RxK` float32.
 
-    `weights_RxL[r, t]` weights the loss of predicting token `t + 1` from position `t`; as
-    everywhere, only pairs inside one document count (`loss.next_token_targets`), whatever their
-    weight. The reference loss is the weighted mean of those token losses over the whole set.
+    Weight `weights_RxK[r, j]` weights the loss of predicting token `t + 1` from position
+    `t = positions_RxK[r, j]`; as everywhere, only pairs inside one document count
+    (`loss.next_token_targets`), whatever their weight. The reference loss is the weighted mean of
+    those token losses over the whole set. Rows with fewer positions pad with weight 0.
+    `from_weights` builds one from a dense `[R, L]` weight per position, keeping only the pairs
+    that count (K = the most of any row), so the LM head runs where a loss is read and nowhere
+    else.
     """
 
     tokens_RxL: Array
     segments_RxL: Array
-    weights_RxL: Array
+    positions_RxK: Array
+    weights_RxK: Array
+
+    @classmethod
+    def from_weights(cls, tokens_RxL, segments_RxL, weights_RxL) -> Reference:
+        """The positions of `weights_RxL` (numpy, [R, L]) with a positive weight and a target."""
+        tokens_RxL, segments_RxL = np.asarray(tokens_RxL), np.asarray(segments_RxL)
+        weights_RxL = np.asarray(weights_RxL, np.float32)
+        if not tokens_RxL.shape == segments_RxL.shape == weights_RxL.shape or \
+                tokens_RxL.ndim != 2:
+            raise ValueError(f"reference: tokens {tokens_RxL.shape}, segments "
+                             f"{segments_RxL.shape} and weights {weights_RxL.shape} must be [R, L] "
+                             "arrays of one shape")
+        _, mask_RxL = loss.next_token_targets(tokens_RxL, segments_RxL)
+        counts_RxL = np.asarray(mask_RxL) & (weights_RxL > 0)
+        width = max(int(counts_RxL.sum(1).max(initial=0)), 1)
+        # A stable sort puts each row's counted positions first, in order; the rest is padding.
+        positions_RxK = np.argsort(~counts_RxL, axis=1, kind="stable")[:, :width]
+        weights_RxK = np.where(np.take_along_axis(counts_RxL, positions_RxK, 1),
+                               np.take_along_axis(weights_RxL, positions_RxK, 1), 0.0)
+        return cls(tokens_RxL.astype(np.int32), segments_RxL.astype(np.int32),
+                   positions_RxK.astype(np.int32), weights_RxK.astype(np.float32))
 
 
 def reference_from_rows(rows: Mapping[str, np.ndarray]) -> Reference:
     """A perplexity reference: every next-token loss of `rows` (e.g. `pool.rows(ids)`) counts."""
     tokens, segments = _check_rows(rows, "rows")
-    return Reference(np.asarray(tokens), np.asarray(segments),
-                     np.ones(tokens.shape, np.float32))
+    return Reference.from_weights(tokens, segments, np.ones(tokens.shape, np.float32))
 
 
 def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer) -> Reference:
@@ -97,7 +123,7 @@ def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer) -> Reference:
     if not keep:
         raise ValueError(f"rows: none of the {tokens.shape[0]} rows has a whole last word after "
                          "some context")
-    return Reference(tokens[keep], segments[keep], weights[keep])
+    return Reference.from_weights(tokens[keep], segments[keep], weights[keep])
 
 
 def cloze_from_pool(pool, domain: str, max_items: int) -> Reference:
@@ -169,27 +195,33 @@ def reference_grad(model, params, reference: Reference, batch_size: int):
     return jax.tree.map(lambda g: g / weight, grads)
 
 
-def _batches(reference: Reference, batch_size: int) -> tuple[Array, Array, Array]:
-    """tokens, segments, weights as [num_batches, batch_size, L], padded with empty rows."""
+def _batches(reference: Reference, batch_size: int) -> tuple[Array, ...]:
+    """The reference's fields as [num_batches, batch_size, ...], padded with empty rows."""
     num_rows = reference.tokens_RxL.shape[0]
     batch_size = min(batch_size, num_rows)
     num_batches = -(-num_rows // batch_size)
 
-    def split(x_RxL):
-        padded = jnp.pad(x_RxL, ((0, num_batches * batch_size - num_rows), (0, 0)))
-        return padded.reshape(num_batches, batch_size, x_RxL.shape[1])
+    def split(x_RxN):
+        padded = jnp.pad(x_RxN, ((0, num_batches * batch_size - num_rows), (0, 0)))
+        return padded.reshape(num_batches, batch_size, x_RxN.shape[1])
 
-    return (split(reference.tokens_RxL), split(reference.segments_RxL),
-            split(reference.weights_RxL.astype(jnp.float32)))
+    return tuple(split(x) for x in (reference.tokens_RxL, reference.segments_RxL,
+                                    reference.positions_RxK, reference.weights_RxK))
 
 
-def _weighted_loss_sums(model, params, tokens_BxL, segments_BxL, weights_BxL
+def _weighted_loss_sums(model, params, tokens_BxL, segments_BxL, positions_BxK, weights_BxK
                         ) -> tuple[Array, Array]:
-    """(sum of weighted next-token losses, sum of weights) of one batch of reference rows."""
-    logits_BxLxV = model.apply(params, tokens_BxL, segments_BxL)
-    losses_BxL, mask_BxL = loss.token_losses(logits_BxLxV, tokens_BxL, segments_BxL)
-    w_BxL = mask_BxL * weights_BxL
-    return (losses_BxL * w_BxL).sum(), w_BxL.sum()
+    """(sum of weighted next-token losses, sum of weights) of one batch of reference rows, with
+    logits computed at the weighted positions only."""
+    logits_BxKxV = model.apply(params, tokens_BxL, segments_BxL,
+                               logit_positions_BxK=positions_BxK)
+    targets_BxL, mask_BxL = loss.next_token_targets(tokens_BxL, segments_BxL)
+    targets_BxK, mask_BxK = (jnp.take_along_axis(x, positions_BxK, axis=1)
+                             for x in (targets_BxL, mask_BxL))
+    losses_BxK = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxKxV.astype(jnp.float32), targets_BxK)
+    w_BxK = mask_BxK * weights_BxK
+    return (losses_BxK * w_BxK).sum(), w_BxK.sum()
 
 
 def per_example_grads(model, params, batch: loss.Batch):
@@ -374,20 +406,26 @@ class Prober:
 
     def _put(self, reference: Reference) -> Reference:
         """Checks `reference` and makes it a replicated global array on the mesh."""
-        tokens, segments, weights = (np.asarray(x) for x in (
-            reference.tokens_RxL, reference.segments_RxL, reference.weights_RxL))
+        tokens, segments, positions, weights = (np.asarray(x) for x in (
+            reference.tokens_RxL, reference.segments_RxL, reference.positions_RxK,
+            reference.weights_RxK))
         if tokens.ndim != 2 or tokens.shape[0] == 0:
             raise ValueError(f"reference: needs [R, L] rows with R >= 1, got tokens of shape "
                              f"{tokens.shape}")
-        if segments.shape != tokens.shape or weights.shape != tokens.shape:
-            raise ValueError(f"reference: tokens {tokens.shape}, segments {segments.shape} and "
-                             f"weights {weights.shape} must have one shape")
+        if segments.shape != tokens.shape or positions.ndim != 2 or \
+                weights.shape != positions.shape or positions.shape[0] != tokens.shape[0]:
+            raise ValueError(f"reference: tokens {tokens.shape} and segments {segments.shape} "
+                             f"must be [R, L], positions {positions.shape} and weights "
+                             f"{weights.shape} [R, K]")
+        if positions.size and not 0 <= positions.min() <= positions.max() < tokens.shape[1]:
+            raise ValueError(f"reference: positions must be in [0, L={tokens.shape[1]})")
         _, mask = loss.next_token_targets(tokens, segments)
-        if not float((np.asarray(mask) * weights).sum()) > 0:
+        if not float((np.take_along_axis(np.asarray(mask), positions, 1) * weights).sum()) > 0:
             raise ValueError("reference: no next-token target has a positive weight")
         replicated = sharding.replicated(self.trainer.mesh)
         return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in (
-            tokens.astype(np.int32), segments.astype(np.int32), weights.astype(np.float32))))
+            tokens.astype(np.int32), segments.astype(np.int32), positions.astype(np.int32),
+            weights.astype(np.float32))))
 
     def _map_chunks(self, fn, state_or_params, candidates, extra: tuple, desc: str,
                     progress: bool) -> np.ndarray:

@@ -63,6 +63,22 @@ def test_other_document_changes_no_logit(model_and_params):
     np.testing.assert_allclose(base[5:11], alone, atol=1e-5)
 
 
+def test_logit_positions_give_the_full_logits_there(model_and_params):
+    """Logits and hidden states at chosen positions (repeats allowed) equal the full call's."""
+    model, params = model_and_params
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 9 + [2] * 7, [1] * 14 + [0] * 2], jnp.int32)
+    positions = jnp.asarray([[0, 8, 9, 15], [13, 13, 2, 0]], jnp.int32)
+    logits, hidden = model.apply(params, tokens, segments, return_hidden=True)
+    at_logits, at_hidden = model.apply(params, tokens, segments, return_hidden=True,
+                                       logit_positions_BxK=positions)
+    assert at_logits.shape == (2, 4, 97)
+    rows = np.arange(2)[:, None]
+    np.testing.assert_allclose(at_logits, np.asarray(logits)[rows, positions], atol=1e-5)
+    np.testing.assert_allclose(at_hidden, np.asarray(hidden)[rows, positions], atol=1e-5)
+
+
 def test_flops_per_token_counts_every_matmul():
     """Independent count from the parameter shapes: 2 FLOPs per weight per token, plus QK^T and
     AV (2 * L * d each per token per layer) and the LM head."""

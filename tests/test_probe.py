@@ -61,8 +61,8 @@ def run(tmp_path_factory):
         state, _ = trainer.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     candidates = train_pool.rows(rng.choice(len(train_pool), 10, replace=False))
     rows = heldout.rows(heldout.ids_of_domain("prose")[:5])
-    reference = probe.Reference(rows["tokens"], rows["segments"],
-                                rng.integers(0, 2, rows["tokens"].shape).astype(np.float32))
+    weights = rng.integers(0, 2, rows["tokens"].shape).astype(np.float32)
+    reference = probe.Reference.from_weights(rows["tokens"], rows["segments"], weights)
     probe_worker.save_inputs(tmp / "inputs.npz", state, candidates, reference)
     eight = tmp / "eight.npz"
     worker = subprocess.Popen(
@@ -76,7 +76,8 @@ def run(tmp_path_factory):
         found["first_order"] = prober.first_order_influence(state, candidates, reference,
                                                             progress=False)
         yield dict(trainer=trainer, prober=prober, state=state, candidates=candidates,
-                   reference=reference, params_before=params_before, train=train_pool,
+                   reference=reference, reference_rows=(rows["tokens"], rows["segments"], weights),
+                   params_before=params_before, train=train_pool,
                    heldout=heldout, worker=worker, eight=eight, **found)
     finally:
         if worker.poll() is None:
@@ -93,10 +94,9 @@ def grads(run):
 
 
 def test_oracle_and_first_order_equal_hand_written_loop(run):
-    trainer, state, reference = run["trainer"], run["state"], run["reference"]
+    trainer, state = run["trainer"], run["state"]
     model = trainer.model
-    ref = [jnp.asarray(x) for x in (reference.tokens_RxL, reference.segments_RxL,
-                                    reference.weights_RxL)]
+    ref = [jnp.asarray(x) for x in run["reference_rows"]]  # Dense weights: every logit.
     update, apply = jax.jit(trainer.tx.update), jax.jit(optax.apply_updates)
     before = _reference_loss_jit(model, state.params, *ref)
     grad_ref = jax.tree.leaves(_reference_grad_jit(model, state.params, *ref))
@@ -230,14 +230,14 @@ def test_cloze_weights_only_the_last_whole_word(run):
             at += len(doc)
     reference = probe.cloze_reference({"tokens": tokens, "segments": segments}, tokenizer)
     assert reference.tokens_RxL.shape == (2, length)
-    targets = [tokenizer.decode(list(reference.tokens_RxL[r][1:][reference.weights_RxL[r][:-1]
-                                                                  > 0]))
+    positions, weights = reference.positions_RxK, reference.weights_RxK
+    targets = [tokenizer.decode(list(reference.tokens_RxL[r][positions[r][weights[r] > 0] + 1]))
                for r in range(2)]
     assert targets == [" gamma", " six"]
-    assert reference.weights_RxL[:, -1].sum() == 0
+    assert positions.shape[1] == max(len(encode(" gamma")), len(encode(" six")))  # K: no more.
     items = probe.cloze_from_pool(run["heldout"], "prose", 4)
     assert 1 <= len(items.tokens_RxL) <= 4
-    assert (items.weights_RxL.sum(1) >= 1).all()
+    assert (items.weights_RxK.sum(1) >= 1).all()
     with pytest.raises(ValueError, match="rows"):
         probe.cloze_reference({"tokens": tokens[2:], "segments": segments[2:]}, tokenizer)
 
@@ -262,14 +262,18 @@ def test_bad_input_names_the_argument(run):
     with pytest.raises(ValueError, match="candidates"):
         prober.grad_features(state.params, {"tokens": candidates["tokens"]},
                              probe_worker.PROJECTION, progress=False)
-    no_rows = probe.Reference(*(np.asarray(x)[:0] for x in (
-        reference.tokens_RxL, reference.segments_RxL, reference.weights_RxL)))
-    with pytest.raises(ValueError, match="reference"):
+    no_rows = probe.Reference(*(np.asarray(x)[:0] for x in jax.tree.leaves(reference)))
+    with pytest.raises(ValueError, match="reference: needs"):
         prober.oracle_influence(state, candidates, no_rows, progress=False)
-    unweighted = probe.Reference(reference.tokens_RxL, reference.segments_RxL,
-                                 np.zeros_like(reference.weights_RxL))
-    with pytest.raises(ValueError, match="reference"):
+    unweighted = reference.replace(weights_RxK=np.zeros_like(reference.weights_RxK))
+    with pytest.raises(ValueError, match="reference: no next-token target"):
         prober.first_order_influence(state, candidates, unweighted, progress=False)
+    outside = reference.replace(positions_RxK=reference.positions_RxK + 32)
+    with pytest.raises(ValueError, match="reference: positions"):
+        prober.oracle_influence(state, candidates, outside, progress=False)
+    tokens, segments, weights = run["reference_rows"]
+    with pytest.raises(ValueError, match="reference: tokens"):
+        probe.Reference.from_weights(tokens, segments, weights[:, :-1])
     with pytest.raises(ValueError, match="projection.k"):
         probe.GradProjection(k=0)
     with pytest.raises(ValueError, match="projection.kind"):

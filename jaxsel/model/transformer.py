@@ -231,12 +231,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`__call__(tokens_BxL, segments_BxL)` -> logits_BxLxV (and the final hidden states)."""
+    """`__call__(tokens_BxL, segments_BxL)` -> logits_BxLxV (and the final hidden states).
+
+    With `logit_positions_BxK`, the final norm and the LM head run only at those positions of each
+    row: logits (and hidden states) are [B, K, ...], the same values as the full call's at those
+    positions, for K / L of the head's cost (e.g. a cloze item's few target positions).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, segments_BxL, return_hidden: bool = False):
+    def __call__(self, tokens_BxL, segments_BxL, return_hidden: bool = False,
+                 logit_positions_BxK: Array | None = None):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, embedding_init=_init(("vocab", "embed")),
@@ -247,6 +253,8 @@ class Transformer(nn.Module):
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.num_layers):
             x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, mask)
+        if logit_positions_BxK is not None:  # From here on, L stands for those K positions.
+            x_BxLxD = jnp.take_along_axis(x_BxLxD, logit_positions_BxK[..., None], axis=1)
         hidden_BxLxD = nn.RMSNorm(
             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm",
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))(x_BxLxD)

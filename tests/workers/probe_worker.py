@@ -5,6 +5,7 @@ the trainer's shardings (params sharded over fsdp), so only the probes differ be
 Usage: python -m tests.workers.probe_worker IN.npz OUT.npz mesh.data mesh.fsdp
 """
 
+import dataclasses
 import sys
 
 import jax
@@ -40,7 +41,8 @@ def load_inputs(path, trainer):
                                            for i in range(structure.num_leaves)])
     state = jax.device_put(state, trainer.state_shardings)
     candidates = {k: data[f"candidates_{k}"] for k in ("tokens", "segments")}
-    reference = probe.Reference(*(data[f"reference_{i}"] for i in range(3)))
+    reference = probe.Reference(*(data[f"reference_{i}"]
+                                  for i in range(len(dataclasses.fields(probe.Reference)))))
     return state, candidates, reference
 
 
