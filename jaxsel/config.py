@@ -79,7 +79,10 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.preset = preset
-    c.init_from = ""  # Workdir of another run whose params start this one.
+    c.init_from = ""  # Workdir of another run whose params start this one (fresh optimizer).
+    # Workdir of another run whose latest params, optimizer state and step this one continues
+    # (staged training: the schedule goes on; the data iterator is this run's own).
+    c.continue_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "local"  # One of SOURCES.
@@ -113,6 +116,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=scale["steps"], batch_size=scale["batch_size"], log_every=10,
         checkpoint_every=100, keep_checkpoints=2, eval_every=0,
+        stop_at=0,  # Stop after this step (0: train.steps); the schedule spans train.steps.
         eval_per_domain=scale["eval_per_domain"]))  # Held-out sequences per domain; 0 = all.
     return c
 
@@ -174,6 +178,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Refuses impossible values before any work; every message names the key."""
     m, t, o, d = config.model, config.train, config.optim, config.data
+    check(not (config.init_from and config.continue_from), "continue_from",
+          "set init_from (params, fresh optimizer) or continue_from (the whole state), not both")
     check(d.source in SOURCES, "data.source", f"{d.source!r} is not one of {', '.join(SOURCES)}")
     check(d.source not in ("jsonl", "parquet", "text") or bool(d.paths), "data.paths",
            f"required for data.source={d.source!r}")
@@ -203,6 +209,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 disables), got {o.clip}")
     check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    check(0 <= t.stop_at <= t.steps, "train.stop_at",
+          f"must be in [0, train.steps={t.steps}] (0: train.steps), got {t.stop_at}")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")

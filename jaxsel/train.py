@@ -140,9 +140,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
     """The training loop. `batches` is a grain iterator over this process's slice of each global
     batch; its state is checkpointed beside the model so a resumed run sees the same data.
 
-    Resumes from the latest checkpoint in `workdir`; otherwise starts from `config.init_from`'s
-    params or a fresh init. `evaluate_fn(params, step) -> dict` runs every `train.eval_every`
-    steps (its numbers go to metrics.jsonl). Returns the last logged loss and the step count.
+    Resumes from the latest checkpoint in `workdir`; otherwise continues the state of
+    `config.continue_from`, or starts from `config.init_from`'s params, or a fresh init.
+    `evaluate_fn(params, step) -> dict` runs every `train.eval_every` steps (its numbers go to
+    metrics.jsonl). Training stops after step `train.stop_at` (0: `train.steps`, which the
+    learning-rate schedule spans either way). Returns the last logged loss, the step count and the
+    final state.
     """
     trainer = trainer or Trainer(config)
     t = config.train
@@ -157,13 +160,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
     last_loss = float("nan")
     clock = time.perf_counter()
     clock_step = start
-    for step in range(start + 1, t.steps + 1):
+    end = t.stop_at or t.steps
+    for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(batches), trainer.mesh)
         state, metrics = trainer.train_step(state, {"tokens": batch["tokens"],
                                                     "segments": batch["segments"]})
         pending.append((step, metrics))
-        log_now = step % t.log_every == 0 or step == t.steps
-        save_now = step % t.checkpoint_every == 0 or step == t.steps
+        log_now = step % t.log_every == 0 or step == end
+        save_now = step % t.checkpoint_every == 0 or step == end
         eval_now = t.eval_every and step % t.eval_every == 0
         if not (log_now or save_now or eval_now):
             continue
@@ -189,16 +193,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if log_now:
-            eta = (t.steps - step) / max(steps_per_s, 1e-9)
+            eta = (end - step) / max(steps_per_s, 1e-9)
             logging.info("step %d/%d loss %.4f lr %.2e %.2f steps/s %.0f tokens/s ETA %s",
-                         step, t.steps, last_loss, row["lr"], steps_per_s, row["tokens_per_s"],
+                         step, end, last_loss, row["lr"], steps_per_s, row["tokens_per_s"],
                          _format_seconds(eta))
         if save_now:
             checkpoint.save(mngr, step, state.params, state.opt_state,
                             {"step": step, "data": batches.get_state()})
     mngr.wait_until_finished()
     mngr.close()
-    return {"final_loss": last_loss, "steps": t.steps, "state": state, "trainer": trainer}
+    return {"final_loss": last_loss, "steps": end, "state": state, "trainer": trainer}
 
 
 def _initial_state(config, trainer: Trainer, mngr, batches) -> TrainState:
@@ -209,6 +213,17 @@ def _initial_state(config, trainer: Trainer, mngr, batches) -> TrainState:
         logging.info("resumed from step %d", meta["step"])
         step = jax.device_put(jnp.asarray(meta["step"], jnp.int32),
                               trainer.state_shardings.step)
+        return TrainState(step, params, opt_state)
+    if config.continue_from:
+        previous = checkpoint.manager(config.continue_from, read_only=True)
+        if previous.latest_step() is None:
+            raise FileNotFoundError(f"config.continue_from: no checkpoint under "
+                                    f"{config.continue_from}/checkpoints")
+        params, opt_state, meta = checkpoint.restore(
+            previous, trainer.abstract_state.params, trainer.abstract_state.opt_state)
+        previous.close()
+        logging.info("continuing %s from step %d", config.continue_from, meta["step"])
+        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings.step)
         return TrainState(step, params, opt_state)
     if config.init_from:
         params = checkpoint.load_params(config.init_from, trainer.abstract_params())

@@ -24,6 +24,7 @@ def test_presets_and_options():
 
 @pytest.mark.parametrize("key,value,devices,message", [
     ("train.steps", -1, 1, "config.train.steps: must be >= 1"),
+    ("train.stop_at", 301, 1, "config.train.stop_at: must be in \\[0, train.steps=300\\]"),
     ("train.batch_size", 6, 4, "config.train.batch_size: 6 is not divisible"),
     ("data.seq_len", 512, 1, "config.data.seq_len: 512 exceeds model.max_seq_len=256"),
     ("model.num_heads", 3, 1, "config.model.num_heads: 3 does not divide"),

@@ -1,14 +1,18 @@
-"""The train step against an independent loss + AdamW written here, golden values, schedules."""
+"""The train step against an independent loss + AdamW written here, golden values, schedules,
+staged training."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from jaxsel import config as config_lib
-from jaxsel import loss, train
+from jaxsel import loss, report, train
+from jaxsel.data import pipeline
+from jaxsel.data import pool as pool_lib
 from tests.workers import train_steps
 
 
@@ -96,3 +100,44 @@ def test_schedules_closed_form(schedule):
         assert float(fn(100)) == pytest.approx(0.1)
     else:
         assert float(fn(99)) == pytest.approx(1.0)
+
+
+def test_continue_from_carries_params_optimizer_and_step(tmp_path):
+    """Staged training: a first stage stops at `train.stop_at` on a schedule spanning
+    `train.steps`; a run with `continue_from` goes on from its params, AdamW moments and step (so
+    the schedule), on its own data; equal to stepping the restored state."""
+    config = train_steps.tiny_config()
+    config.model.vocab_size = 512  # A byte-level BPE needs more than 256.
+    config.data.update(source="synthetic", synthetic_docs_per_domain=20,
+                       cache_dir=str(tmp_path / "cache"))
+    config.train.update(steps=6, stop_at=3, log_every=1, checkpoint_every=3)
+    config.optim.update(schedule="cosine", warmup_steps=2)
+    train_pool = pool_lib.build_pools(config)["train"]
+    data = lambda ids, seed: iter(pipeline.make_batches(  # noqa: E731
+        train_pool, ids, config.train.batch_size, seed, 0, 1))
+    first_ids, second_ids = np.arange(0, 30), np.arange(30, 60)
+    trainer = train.Trainer(config)
+    first = train.run(config, str(tmp_path / "first"), data(first_ids, 0), trainer)
+    assert first["steps"] == int(first["state"].step) == 3
+    lrs = [row["lr"] for row in report.read_jsonl(tmp_path / "first" / "metrics.jsonl")]
+    np.testing.assert_allclose(lrs, [trainer.schedule(s) for s in range(3)], rtol=1e-6)
+    assert lrs[-1] == pytest.approx(config.optim.lr)  # Warmup done, the 6-step cosine not.
+    second_config = ml_collections.ConfigDict(config.to_dict())
+    second_config.continue_from = str(tmp_path / "first")
+    second_config.train.stop_at = 0
+    second = train.run(second_config, str(tmp_path / "second"), data(second_ids, 1))
+    assert int(second["state"].step) == 6
+    state = jax.tree.map(jnp.array, first["state"])
+    steps = train.Trainer(second_config)
+    for _, batch in zip(range(3), data(second_ids, 1), strict=False):
+        state, _ = steps.train_step(state, {k: jnp.asarray(batch[k])
+                                            for k in ("tokens", "segments")})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 jax.tree.map(np.asarray, second["state"].params),
+                 jax.tree.map(np.asarray, state.params))
+    with pytest.raises(FileNotFoundError, match="continue_from"):
+        second_config.continue_from = str(tmp_path / "nothing")
+        train.run(second_config, str(tmp_path / "third"), data(second_ids, 1))
+    second_config.init_from = str(tmp_path / "first")
+    with pytest.raises(config_lib.ConfigError, match="continue_from"):
+        config_lib.validate(second_config, jax.device_count())
