@@ -1,0 +1,387 @@
+"""Selections: which pool ids to train on, chosen by score, by chance, by cluster or by similarity.
+
+Every selector is a pure function of numpy arrays that index one pool by its stable integer ids,
+and (except `dedup`) returns a `Selection`: the ids in the order chosen, the method, the pool
+size, the settings that produced it and the scores of the chosen ids. A `Selection` is the saved
+artifact an experiment is re-run from (`save` / `Selection.load`, JSON with a top-level "ids").
+
+- `random_ids`: uniform without replacement.
+- `top_k`: the k best scores, ties broken by the lower id.
+- `gumbel_top_k`: k ids without replacement from the Plackett-Luce distribution (MATES).
+- `cluster_diverse`: k spread as evenly as possible over clusters (Sam et al. 2025).
+- `dedup`: greedy near-duplicate removal by cosine similarity.
+- `nearest_to_target`: the k pool rows most similar to any row of a target set.
+
+The same seed gives the same selection. Bad input (k outside [1, N], non-finite scores,
+mismatched shapes, impossible options, empty arrays) raises a ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from jaxsel import report, search
+from jaxsel.embed import check_embeddings
+
+_KEYS = ("ids", "method", "pool_size", "params", "scores")
+# dedup counts a similarity >= threshold - _SLACK as a duplicate, so that threshold 1 catches
+# identical rows whose float64 cosine rounds to just below 1.
+_SLACK = 1e-9
+
+
+# ----------------------------------------------------------------------------- the artifact
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Selection:
+    """A selection of `len(ids)` distinct ids of a pool of `pool_size` sequences.
+
+    `ids` (int64 [k], read-only) are in the order chosen; `scores` (float32 [k], read-only, or
+    None) are the scores of the chosen ids; `params` holds the settings that produced it (seed,
+    temperature, k, ...) as plain JSON values. Construction validates all of it: ids unique and
+    in [0, pool_size), scores finite and as long as ids, params JSON-serialisable.
+    """
+
+    ids: np.ndarray
+    method: str
+    pool_size: int
+    params: dict
+    scores: np.ndarray | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"method must be a non-empty string, got {self.method!r}")
+        if not _is_int(self.pool_size) or self.pool_size < 1:
+            raise ValueError(f"pool_size must be an int >= 1, got {self.pool_size!r}")
+        ids = np.array(self.ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be a non-empty 1-D integer array, got shape {ids.shape} "
+                             f"and dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        outside = ids[(ids < 0) | (ids >= self.pool_size)]
+        if outside.size:
+            raise ValueError(f"ids must lie in [0, pool_size={self.pool_size}), got "
+                             f"{outside.size} outside, e.g. {outside[:5].tolist()}")
+        unique, counts = np.unique(ids, return_counts=True)
+        if unique.size != ids.size:
+            repeats = unique[counts > 1]
+            raise ValueError(f"ids must be unique, got {repeats.size} repeated, e.g. "
+                             f"{repeats[:5].tolist()}")
+        ids.setflags(write=False)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "pool_size", int(self.pool_size))
+        if self.scores is not None:
+            scores = np.array(self.scores, np.float32)
+            if scores.shape != ids.shape:
+                raise ValueError(f"scores must have shape {ids.shape} like ids, got {scores.shape}")
+            if not np.isfinite(scores).all():
+                raise ValueError("scores must be finite")
+            scores.setflags(write=False)
+            object.__setattr__(self, "scores", scores)
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a dict, got {type(self.params).__name__}")
+        try:  # a deep copy in plain JSON values (numpy scalars become Python numbers)
+            params = json.loads(json.dumps(self.params, default=_numpy_scalar, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"params must be JSON-serialisable: {e}") from None
+        object.__setattr__(self, "params", params)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_json(self) -> dict:
+        """The JSON object `save` writes: keys "ids", "method", "pool_size", "params", "scores"."""
+        scores = None if self.scores is None else [float(s) for s in self.scores]
+        return dict(ids=self.ids.tolist(), method=self.method, pool_size=self.pool_size,
+                    params=self.params, scores=scores)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes `to_json()` to `path` atomically (temp file in the same folder, then rename)."""
+        report.write_json(os.fspath(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Selection:
+        """Reads a file written by `save`; a ValueError naming `path` if it is not valid JSON,
+        lacks a key, or holds an invalid selection (e.g. repeated or out-of-range ids)."""
+        path = os.fspath(path)
+        try:
+            obj = report.read_json(path)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path} is not a valid selection: not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} is not a valid selection: not a JSON object")
+        missing = [key for key in _KEYS if key not in obj]
+        if missing:
+            raise ValueError(f"{path} is not a valid selection: missing keys {missing}")
+        ids = obj["ids"]
+        if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+            raise ValueError(f"{path} is not a valid selection: ids must be a list of ints")
+        try:
+            return cls(np.array(ids, np.int64), obj["method"], obj["pool_size"], obj["params"],
+                       None if obj["scores"] is None else np.array(obj["scores"], np.float32))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid selection: {e}") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def _numpy_scalar(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_k(k, n: int, name: str = "k") -> int:
+    if not _is_int(k) or not 1 <= k <= n:
+        raise ValueError(f"{name} must be in [1, {n}], got {k!r}")
+    return int(k)
+
+
+def _check_seed(seed) -> int:
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def _check_scores(scores_N, name: str = "scores_N") -> np.ndarray:
+    """`scores_N` as a float64 non-empty 1-D array of finite numbers."""
+    try:
+        scores_N = np.asarray(scores_N, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an array of numbers") from None
+    if scores_N.ndim != 1 or scores_N.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {scores_N.shape}")
+    bad = np.flatnonzero(~np.isfinite(scores_N))
+    if bad.size:
+        raise ValueError(f"{name} has {bad.size} non-finite values, e.g. at ids {bad[:5].tolist()}")
+    return scores_N
+
+
+def _order(scores_N: np.ndarray, lower_is_better: bool) -> np.ndarray:
+    """All ids, best score first, ties broken by the lower id."""
+    return np.argsort(scores_N if lower_is_better else -scores_N, kind="stable")
+
+
+# ----------------------------------------------------------------------------- selectors
+
+
+def random_ids(pool_size: int, k: int, seed: int) -> Selection:
+    """k distinct ids drawn uniformly from [0, pool_size) (`default_rng(seed).choice`), in the
+    order drawn."""
+    if not _is_int(pool_size) or pool_size < 1:
+        raise ValueError(f"pool_size must be an int >= 1, got {pool_size!r}")
+    k, seed = _check_k(k, pool_size), _check_seed(seed)
+    ids = np.random.default_rng(seed).choice(pool_size, size=k, replace=False)
+    return Selection(ids, "random", int(pool_size), dict(k=k, seed=seed))
+
+
+def top_k(scores_N, k: int, lower_is_better: bool = True) -> Selection:
+    """The k ids with the lowest (or, with `lower_is_better=False`, highest) scores, best first;
+    ties go to the lower id. Deterministic."""
+    scores_N = _check_scores(scores_N)
+    k = _check_k(k, len(scores_N))
+    ids = _order(scores_N, lower_is_better)[:k]
+    return Selection(ids, "top_k", len(scores_N), dict(k=k, lower_is_better=bool(lower_is_better)),
+                     scores_N[ids])
+
+
+def gumbel_top_k(scores_N, k: int, seed: int, temperature: float = 1.0,
+                 lower_is_better: bool = True) -> Selection:
+    """k ids drawn without replacement from the Plackett-Luce distribution with weights
+    `exp(-score / temperature)` (`exp(+score / temperature)` when higher is better).
+
+    The Gumbel-top-k trick: perturb `-score / temperature` with independent standard Gumbel
+    noise (`default_rng(seed).gumbel`) and take the k largest, in decreasing order. The i-th id
+    is then drawn with probability `w_i / (sum of the weights not yet drawn)`, so the ids come in
+    the order Plackett-Luce draws them. As `temperature -> 0` this becomes `top_k`; as it grows,
+    `random_ids`.
+
+    MATES (Yu et al. 2024) selects this way from the predictions of its data influence model,
+    trained on z-scored oracle influences (the reference loss after one step on a candidate, so
+    lower is better), with temperature 1. Its released code adds Gumbel noise to the predictions
+    and keeps the k smallest, i.e. the k largest of `-score - G`; `-G` is not Gumbel(max)
+    distributed, so that is close to, but not exactly, the Plackett-Luce draw made here.
+    """
+    scores_N = _check_scores(scores_N)
+    k, seed = _check_k(k, len(scores_N)), _check_seed(seed)
+    if not (_is_number(temperature) and np.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    sign = -1.0 if lower_is_better else 1.0
+    with np.errstate(over="ignore"):
+        logits_N = sign * scores_N / temperature
+    if not np.isfinite(logits_N).all():
+        raise ValueError(f"temperature={temperature} is too small for scores of magnitude "
+                         f"{np.abs(scores_N).max():.3g}: score / temperature overflows")
+    keys_N = logits_N + np.random.default_rng(seed).gumbel(size=len(scores_N))
+    best = np.argpartition(-keys_N, k - 1)[:k]
+    ids = best[np.argsort(-keys_N[best], kind="stable")]
+    params = dict(k=k, seed=seed, temperature=float(temperature),
+                  lower_is_better=bool(lower_is_better))
+    return Selection(ids, "gumbel_top_k", len(scores_N), params, scores_N[ids])
+
+
+def _water_fill(sizes_C, k: int) -> tuple[int, np.ndarray]:
+    """`(level, counts_C)`: the largest level L with `sum(min(sizes_C, L)) <= k`, and the
+    counts `min(sizes_C, L)` it gives each cluster (before the `k - sum` leftover units, fewer
+    than the number of clusters larger than L, are handed out one per cluster)."""
+    sizes_C = np.asarray(sizes_C, np.int64)
+    sorted_C = np.sort(sizes_C)
+    c = len(sorted_C)
+    prefix_C = np.concatenate([[0], np.cumsum(sorted_C)[:-1]])
+    # Filling every cluster up to level sorted_C[i] costs prefix_C[i] + sorted_C[i] * (c - i),
+    # non-decreasing in i; the first i it exceeds k is the first cluster the level stays below.
+    cost_C = prefix_C + sorted_C * (c - np.arange(c))
+    i = int(np.searchsorted(cost_C, k, side="right"))
+    level = int(sorted_C[-1]) if i == c else int((k - prefix_C[i]) // (c - i))
+    return level, np.minimum(sizes_C, level)
+
+
+def cluster_diverse(cluster_ids_N, k: int, seed: int, scores_N=None,
+                    lower_is_better: bool = True) -> Selection:
+    """k ids spread as evenly as possible over the clusters (diversity-based selection, Sam et
+    al. 2025).
+
+    Allocation by water-filling (`_water_fill`): every cluster gets `min(size, L)` for the
+    largest level L that fits in k; the leftover units (fewer than the clusters larger than L)
+    go one each to clusters larger than L, in a random order drawn from `default_rng(seed)`.
+    Within a cluster, the best-scored members are taken when `scores_N` is given (ties to the
+    lower id), otherwise a uniform random sample (the same generator). The ids come grouped by
+    cluster (in increasing label order), best or first drawn first within a cluster.
+    `cluster_ids_N` are integer labels (any values; each distinct value is one cluster).
+    """
+    clusters_N = np.asarray(cluster_ids_N)
+    if clusters_N.ndim != 1 or clusters_N.size == 0:
+        raise ValueError(f"cluster_ids_N must be a non-empty 1-D array, got shape "
+                         f"{clusters_N.shape}")
+    if not np.issubdtype(clusters_N.dtype, np.integer):
+        raise ValueError(f"cluster_ids_N must be integer labels, got dtype {clusters_N.dtype}")
+    n = len(clusters_N)
+    k, seed = _check_k(k, n), _check_seed(seed)
+    if scores_N is not None:
+        scores_N = _check_scores(scores_N)
+        if len(scores_N) != n:
+            raise ValueError(f"scores_N has {len(scores_N)} entries but cluster_ids_N has {n}")
+    _, index_N, sizes_C = np.unique(clusters_N, return_inverse=True, return_counts=True)
+    level, counts_C = _water_fill(sizes_C, k)
+    rng = np.random.default_rng(seed)
+    open_C = np.flatnonzero(sizes_C > level)
+    counts_C[rng.permutation(open_C)[: k - counts_C.sum()]] += 1
+    key_N = rng.random(n) if scores_N is None else (scores_N if lower_is_better else -scores_N)
+    # Sort by cluster, then key, then id (lexsort is stable); keep each cluster's first counts.
+    order_N = np.lexsort((key_N, index_N))
+    starts_C = np.concatenate([[0], np.cumsum(sizes_C)[:-1]])
+    rank_N = np.arange(n) - starts_C[index_N[order_N]]
+    ids = order_N[rank_N < counts_C[index_N[order_N]]]
+    params = dict(k=k, seed=seed, lower_is_better=bool(lower_is_better),
+                  scored=scores_N is not None, num_clusters=len(sizes_C), level=level)
+    return Selection(ids, "cluster_diverse", n, params,
+                     None if scores_N is None else scores_N[ids])
+
+
+# ----------------------------------------------------------------------------- similarity
+
+
+def _unit_rows(emb_NxD: np.ndarray) -> np.ndarray:
+    return emb_NxD / np.linalg.norm(emb_NxD, axis=1, keepdims=True)
+
+
+def _pair_cosines(a_NxD, b_MxD, rows_NxT, chunk_elems: int = 1 << 22) -> np.ndarray:
+    """`cos_NxT[i, t]`: the cosine similarity of `a_i` and `b_{rows[i, t]}`, in float64 from the
+    given rows, in row chunks of at most about `chunk_elems` gathered values (so decisions below
+    do not depend on the accelerator's matmul precision)."""
+    n, t = rows_NxT.shape
+    cos_NxT = np.empty((n, t), np.float64)
+    step = max(1, chunk_elems // (t * a_NxD.shape[1]))
+    for start in range(0, n, step):
+        a_BxD = a_NxD[start : start + step].astype(np.float64)
+        b_BxTxD = b_MxD[rows_NxT[start : start + step]].astype(np.float64)
+        dots_BxT = np.einsum("bd,btd->bt", a_BxD, b_BxTxD)
+        sq_a_B, sq_b_BxT = np.einsum("bd,bd->b", a_BxD, a_BxD), np.einsum(
+            "btd,btd->bt", b_BxTxD, b_BxTxD)
+        cos_NxT[start : start + step] = dots_BxT / np.sqrt(sq_a_B[:, None] * sq_b_BxT)
+    return cos_NxT
+
+
+def dedup(emb_NxD, threshold: float, order_N=None, num_neighbors: int = 16) -> np.ndarray:
+    """The ids (sorted) kept by greedy near-duplicate removal by cosine similarity.
+
+    Rows are visited in `order_N` (a permutation of 0..N-1; default 0..N-1, so put the
+    preferred copy first); a row is kept unless its cosine similarity with an already kept row
+    is >= `threshold`. Candidates are each row's `num_neighbors` nearest other rows
+    (`search.exact_search` on the L2-normalised rows, chunked: no N x N matrix), rescored in
+    float64 from the given rows (a similarity within 1e-9 below `threshold` counts as reaching
+    it, so `threshold=1` removes identical rows).
+
+    This equals the exhaustive greedy whenever no row has more than `num_neighbors` rows at
+    similarity >= `threshold`. In a larger group a row's kept duplicate may fall outside its
+    candidates, so extra members may be kept; raise `num_neighbors` for such data. A dropped
+    row always has a kept row earlier in the order at similarity >= `threshold`.
+    """
+    emb_NxD = check_embeddings(emb_NxD, "emb_NxD", nonzero=True)
+    n = len(emb_NxD)
+    if not (_is_number(threshold) and -1 < threshold <= 1):
+        raise ValueError(f"threshold must be in (-1, 1], got {threshold!r}")
+    if not _is_int(num_neighbors) or num_neighbors < 1:
+        raise ValueError(f"num_neighbors must be an int >= 1, got {num_neighbors!r}")
+    if order_N is None:
+        order_N = np.arange(n)
+    else:
+        order_N = np.asarray(order_N)
+        if (order_N.shape != (n,) or not np.issubdtype(order_N.dtype, np.integer)
+                or not np.array_equal(np.sort(order_N), np.arange(n))):
+            raise ValueError(f"order_N must be a permutation of 0..{n - 1} (one entry per row "
+                             f"of emb_NxD), got shape {order_N.shape} and dtype {order_N.dtype}")
+    rank_N = np.empty(n, np.int64)
+    rank_N[order_N] = np.arange(n)
+    # Self is usually the first hit, so ask for one more; drop self wherever it appears.
+    unit_NxD = _unit_rows(emb_NxD)
+    ids_NxT, _ = search.exact_search(unit_NxD, unit_NxD, min(num_neighbors + 1, n))
+    ids_NxT = ids_NxT.astype(np.int64)
+    cos_NxT = _pair_cosines(emb_NxD, emb_NxD, ids_NxT)
+    # Only other rows visited earlier can block a row; a row with none is always kept.
+    dup_NxT = ((cos_NxT >= threshold - _SLACK) & (ids_NxT != np.arange(n)[:, None])
+               & (rank_N[ids_NxT] < rank_N[:, None]))
+    kept_N = np.ones(n, bool)
+    rows = np.flatnonzero(dup_NxT.any(axis=1))
+    for row in rows[np.argsort(rank_N[rows])].tolist():  # in visiting order
+        if kept_N[ids_NxT[row][dup_NxT[row]]].any():
+            kept_N[row] = False
+    return np.flatnonzero(kept_N)
+
+
+def nearest_to_target(emb_NxD, target_TxD, k: int, query_batch: int = 1024) -> Selection:
+    """The k pool rows with the highest maximum cosine similarity to any target row, best
+    first (ties to the lower id); `scores` are those similarities.
+
+    Each pool row's nearest target is found by `search.exact_search` (pool rows as queries,
+    `query_batch` at a time, against the target rows in chunks, so memory stays bounded) and
+    its similarity recomputed exactly in float64.
+    """
+    emb_NxD = check_embeddings(emb_NxD, "emb_NxD", nonzero=True)
+    target_TxD = check_embeddings(target_TxD, "target_TxD", nonzero=True)
+    if target_TxD.shape[1] != emb_NxD.shape[1]:
+        raise ValueError(f"target_TxD has dimension {target_TxD.shape[1]} but emb_NxD has "
+                         f"dimension {emb_NxD.shape[1]}")
+    k = _check_k(k, len(emb_NxD))
+    if not _is_int(query_batch) or query_batch < 1:
+        raise ValueError(f"query_batch must be an int >= 1, got {query_batch!r}")
+    nearest_Nx1, _ = search.exact_search(_unit_rows(target_TxD), _unit_rows(emb_NxD), 1,
+                                         query_batch=query_batch)
+    sims_N = _pair_cosines(emb_NxD, target_TxD, nearest_Nx1.astype(np.int64))[:, 0]
+    ids = _order(sims_N, lower_is_better=False)[:k]
+    return Selection(ids, "nearest_to_target", len(emb_NxD),
+                     dict(k=k, num_targets=len(target_TxD)), sims_N[ids])
