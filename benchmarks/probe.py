@@ -22,7 +22,14 @@ prose of `--reference_domain`. Prints one JSON line per measurement, then a summ
   gradients (`--k` dims), `Prober.grad_features` against the same jitted function on one example
   at a time (whose projection is generated again for every example);
 - `first_order_probes_per_s` and `first_order_spearman`: the first-order approximation's speed and
-  how well it ranks the candidates like the exact oracle.
+  how well it ranks the candidates like the exact oracle;
+- the ceiling: `oracle_matmul_flops_per_probe` (one train step on the candidate, 3x the forward
+  matmuls of its `seq_len` tokens, plus the reference forward: every reference token through the
+  blocks, the LM head at the target positions only; the chunk's shared "before" eval left out),
+  `matmul_peak_flops_per_s` (the best sample of a jitted 2048^3 float32 matmul, interleaved with
+  the rounds), `oracle_matmul_utilisation` (the oracle's FLOP rate over that peak) and
+  `oracle_speedup_bound`: the speedup over the loop if the oracle's matmuls ran at that peak and
+  nothing else cost time, the most this exact computation can reach on the machine.
 
 Everything is compiled before timing; the measurements are interleaved in `--rounds` rounds on
 fresh candidates, so a change in machine load hits all of them. All run on the default devices.
@@ -40,10 +47,11 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import emit
+from benchmarks.common import MatmulPeak, emit
 from jaxsel import checkpoint, probe, sharding, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
+from jaxsel.model.transformer import matmul_flops_per_token
 
 
 def parse_args() -> argparse.Namespace:
@@ -151,6 +159,16 @@ def make_oracle_loop(trainer, state, reference, batch_size: int, workdir: str):
     return loop
 
 
+def oracle_matmul_flops(cfg, seq_len: int, reference: probe.Reference) -> int:
+    """Matmul FLOPs of one exact probe: a train step on `seq_len` tokens (forward + backward, 3x
+    the forward) and the reference forward with the LM head at its target positions only."""
+    head = 2 * cfg.d_model * cfg.vocab_size
+    rows, length = reference.tokens_RxL.shape
+    blocks = (matmul_flops_per_token(cfg, length) - head) * rows * length
+    return 3 * matmul_flops_per_token(cfg, seq_len) * seq_len + blocks + head * int(
+        reference.positions_RxK.size)
+
+
 def make_features_loop(trainer, projection):
     """`loop(params, candidates) -> [N, k]`: the chunks' jitted function on one example at a
     time (so the projection is generated again for every example)."""
@@ -190,11 +208,15 @@ def measure(args: argparse.Namespace, workdir: str) -> None:
                                                         progress=False),
         "grad_features_loop": lambda c: features_loop(state.params, head(c, n_loop)),
     }
+    peak = MatmulPeak(2048, 2048, 2048, reps=2, mesh=trainer.mesh)
     for name, fn in measures.items():  # Compile everything before any timing.
         fn(head(candidates, 1 if name.endswith("_loop") else args.chunk_size))
     # Rounds interleave the measurements, so that a change in machine load hits all of them.
     seconds, outputs = collections.Counter(), collections.defaultdict(list)
+    peak_samples = []
     for r in range(rounds):
+        peak_samples.append(peak.sample()[0])
+        emit({"round": r, "measure": "matmul_2048", "flops_per_s": peak_samples[-1]})
         chunk = {k: v[r * n:(r + 1) * n] for k, v in candidates.items()}  # Fresh candidates.
         for name, fn in measures.items():
             took, out = timed(lambda fn=fn, chunk=chunk: fn(chunk))
@@ -232,6 +254,11 @@ def measure(args: argparse.Namespace, workdir: str) -> None:
         "oracle_probes_per_s_loop"]
     summary["oracle_speedup_without_restore"] = summary["oracle_speedup"] * (
         1 - summary["oracle_loop_time_fraction"]["restore"])
+    flops = oracle_matmul_flops(trainer.model.cfg, candidates["tokens"].shape[1], reference)
+    summary.update(
+        oracle_matmul_flops_per_probe=flops, matmul_peak_flops_per_s=max(peak_samples),
+        oracle_matmul_utilisation=flops * summary["oracle_probes_per_s"] / max(peak_samples),
+        oracle_speedup_bound=max(peak_samples) / flops / summary["oracle_probes_per_s_loop"])
     summary["grad_speedup"] = summary["grad_features_per_s"] / summary[
         "grad_features_per_s_loop"]
     emit(summary)

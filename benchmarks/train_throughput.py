@@ -38,11 +38,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks.common import emit
+from benchmarks.common import MatmulPeak, emit
 from jaxsel import config as config_lib
 from jaxsel import sharding, train
 from jaxsel.data import pipeline
@@ -58,28 +57,6 @@ def make_config(args) -> ml_collections.ConfigDict:
     c.train.update(batch_size=args.batch, steps=1_000_000)
     config_lib.validate(c, jax.device_count())
     return c
-
-
-class MatmulPeak:
-    """Jitted float32 `a @ b` of one shape on the mesh's devices (the rows of `a` split like a
-    batch, as the train step splits tokens); `sample()` -> FLOP/s of `reps` back-to-back calls."""
-
-    def __init__(self, m: int, k: int, n: int, reps: int, mesh):
-        rng = np.random.default_rng(0)
-        self.shape, self.reps = (m, k, n), reps
-        self.a = jax.device_put(rng.standard_normal((m, k), np.float32),
-                                sharding.batch_sharding(mesh))
-        self.b = jax.device_put(rng.standard_normal((k, n), np.float32), sharding.replicated(mesh))
-        self.fn = jax.jit(jnp.matmul)
-        self.fn(self.a, self.b).block_until_ready()  # Compile and warm up.
-
-    def sample(self) -> tuple[float, float]:
-        """FLOP/s and CPU utilisation (process CPU seconds per wall second)."""
-        start, cpu = time.perf_counter(), time.process_time()
-        outs = [self.fn(self.a, self.b) for _ in range(self.reps)]
-        jax.block_until_ready(outs)
-        wall = time.perf_counter() - start
-        return self.reps * 2 * float(np.prod(self.shape)) / wall, (time.process_time() - cpu) / wall
 
 
 def main() -> None:
