@@ -12,7 +12,7 @@ from absl import app, logging
 
 from experiments import launch
 from jaxsel import config as config_lib
-from jaxsel import evaluate, report, train
+from jaxsel import evaluate, report, select, train
 from jaxsel.data import pipeline, pool
 
 
@@ -50,7 +50,11 @@ def main(argv):
     pools = pool.build_pools(config)
     ids = None
     if config.selection:
-        ids = report.read_json(config.selection)["ids"]
+        selection = select.Selection.load(config.selection)
+        config_lib.check(selection.pool_size == len(pools["train"]), "selection",
+                         f"{config.selection} selects from a pool of {selection.pool_size} rows; "
+                         f"this train pool has {len(pools['train'])}")
+        ids = selection.ids
     result = train_and_evaluate(config, workdir, pools, ids)
     if jax.process_index() == 0:
         report.finish(workdir, result, to_markdown("Pretraining", result))

@@ -381,9 +381,17 @@ class Prober:
             chunk_oracle_influence, **influence, eval_batch_size=eval_batch_size))
         self._first_order = jit_influence(
             functools.partial(chunk_first_order_influence, **influence))
+        self._reference_loss = jax.jit(
+            functools.partial(reference_loss, trainer.model, batch_size=reference_batch_size),
+            in_shardings=(trainer.param_shardings, replicated), out_shardings=replicated)
         self._features = jax.jit(
             functools.partial(chunk_grad_features, model=trainer.model), static_argnums=2,
             in_shardings=(trainer.param_shardings, rows), out_shardings=replicated)
+
+    def reference_loss(self, params, reference: Reference) -> float:
+        """The loss of `reference` under `params` (`reference_loss`), e.g. to evaluate a model on
+        the reference set its data was selected for."""
+        return float(self._reference_loss(params, self._put(reference)))
 
     def oracle_influence(self, state, candidates: Mapping[str, np.ndarray],
                          reference: Reference, progress: bool = True) -> np.ndarray:

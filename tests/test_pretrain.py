@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from experiments.configs import pretrain as pretrain_config
-from jaxsel import checkpoint, report, train
+from jaxsel import checkpoint, report, select, train
+from jaxsel.data import pool as pool_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,3 +139,23 @@ def test_tiny_pretraining_on_local_corpus_lowers_heldout_loss(tmp_path):
     evals = [r["eval"]["all"] for r in report.read_jsonl(workdir / "metrics.jsonl") if "eval" in r]
     assert evals[-1] < evals[0]
     assert (workdir / "report.md").exists() and (workdir / "config.json").exists()
+
+
+def test_pretrains_on_a_saved_selection_of_this_pool(tmp_path):
+    cache = tmp_path / "cache"
+    config = pretrain_config.get_config("tiny")
+    config.data.update(source="synthetic", cache_dir=str(cache), seq_len=64,
+                       synthetic_docs_per_domain=60)
+    config.model.vocab_size = 512
+    pool_size = len(pool_lib.build_pools(config)["train"])
+    chosen = select.random_ids(pool_size, 24, seed=0)
+    chosen.save(tmp_path / "selection.json")
+    subprocess.run(_command(tmp_path / "run", cache, "--config.train.steps=2",
+                            f"--config.selection={tmp_path / 'selection.json'}"),
+                   cwd=ROOT, env=_env(), check=True, timeout=600)
+    assert report.read_json(tmp_path / "run" / "report.json")["train_sequences"] == 24
+    select.Selection(chosen.ids, "random", pool_size + 1, {}).save(tmp_path / "other.json")
+    refused = subprocess.run(_command(tmp_path / "other", cache, "--config.train.steps=2",
+                                      f"--config.selection={tmp_path / 'other.json'}"),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "config.selection" in refused.stderr

@@ -99,6 +99,8 @@ def test_oracle_and_first_order_equal_hand_written_loop(run):
     ref = [jnp.asarray(x) for x in run["reference_rows"]]  # Dense weights: every logit.
     update, apply = jax.jit(trainer.tx.update), jax.jit(optax.apply_updates)
     before = _reference_loss_jit(model, state.params, *ref)
+    assert run["prober"].reference_loss(state.params, run["reference"]) == pytest.approx(
+        float(before), rel=1e-6)
     grad_ref = jax.tree.leaves(_reference_grad_jit(model, state.params, *ref))
     oracle, first_order = [], []
     for tokens_L, segments_L in zip(run["candidates"]["tokens"], run["candidates"]["segments"],
