@@ -490,9 +490,7 @@ def plot_proxy_vs_gold(pairs: list[dict], path: str) -> None:
            ylabel="proxy perplexity (merged partition models)",
            title="Proxy vs. gold perplexity (o: 2 partitions, ^: 3)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    report.write_figure(path, fig)
 
 
 def main(argv):

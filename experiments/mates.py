@@ -92,23 +92,6 @@ def stage_candidates(config: ml_collections.ConfigDict, pool_size: int) -> list[
     return [np.sort(order[s * per_stage:(s + 1) * per_stage]) for s in range(m.stages)]
 
 
-def _save_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _cached_npz(path: str, compute) -> dict[str, np.ndarray]:
-    """The arrays saved at `path`, or `compute()`'s, saved there first (process 0 writes)."""
-    if os.path.exists(path):
-        with np.load(path) as saved:
-            return dict(saved)
-    arrays = compute()
-    if jax.process_index() == 0:
-        _save_npz(path, **arrays)
-    return arrays
-
-
 def _load_state(trainer: train.Trainer, workdir: str) -> train.TrainState:
     """The latest train state (params, optimizer, step) saved in `workdir`."""
     mngr = checkpoint.manager(workdir, read_only=True)
@@ -174,8 +157,8 @@ class Experiment:
                                                      self.reference)
             return {"ids": ids, "influence": influence}
 
-        probed = _cached_npz(os.path.join(folder, "oracle.npz"), oracle)
-        tokens = _cached_npz(os.path.join(folder, "encoder_inputs.npz"), lambda: dict(zip(
+        probed = report.cached_npz(os.path.join(folder, "oracle.npz"), oracle)
+        tokens = report.cached_npz(os.path.join(folder, "encoder_inputs.npz"), lambda: dict(zip(
             ("ids", "lengths"), embed.encoder_inputs(
                 self.encoder, self.train_pool.tokens[candidates],
                 self.train_pool.segments[candidates], self.lm_tokenizer), strict=True)))
@@ -199,7 +182,7 @@ class Experiment:
             return {"influence": predicted, "z": (predicted - fit.label_mean) / fit.label_std,
                     "val_spearman": np.float64(best["val_spearman"])}
 
-        predicted = _cached_npz(os.path.join(folder, "predictions.npz"), predictions)
+        predicted = report.cached_npz(os.path.join(folder, "predictions.npz"), predictions)
         return predicted["z"], {
             "influence_model_val_spearman": float(predicted["val_spearman"]),
             "oracle_mean": float(probed["influence"].mean()),

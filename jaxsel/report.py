@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 
@@ -34,6 +36,34 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_npz(path: str, **arrays) -> None:
+    """Saves `arrays` at `path` (an .npz), creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def cached_npz(path: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """The arrays saved at `path`, or those of `compute()`, saved there first by process 0: an
+    artifact of a resumable run, computed once."""
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            return dict(saved)
+    arrays = compute()
+    if jax.process_index() == 0:
+        write_npz(path, **arrays)
+    return arrays
+
+
+def write_figure(path: str, figure) -> None:
+    """Saves a matplotlib figure (its format from `path`'s suffix) at 120 dpi."""
+    root, suffix = os.path.splitext(path)
+    tmp = f"{root}.tmp.{os.getpid()}{suffix}"
+    figure.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
 
 
 def read_json(path: str):
