@@ -195,8 +195,9 @@ def encoder_inputs(
     `(ids_NxM int32, lengths_N int32)`, `M = encoder.max_length` (explicit truncation), done
     `chunk_size` sequences at a time so the texts of only one chunk are held in memory.
 
-    With `cache_path` (an `.npz`), the result is saved there and reused while the pool tokens,
-    the encoder's tokenizer and `max_length` are unchanged (a fingerprint of all three is stored).
+    With `cache_path` (an `.npz`), the result is saved there (by process 0) and reused while the
+    pool tokens, the encoder's tokenizer and `max_length` are unchanged (a fingerprint of all
+    three is stored).
     """
     tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
     fingerprint = _fingerprint(encoder, tokens_NxL, segments_NxL)
@@ -215,7 +216,7 @@ def encoder_inputs(
             texts = decode_sequences(tokens_NxL[rows], segments_NxL[rows], lm_tokenizer)
             ids_NxM[rows], lengths_N[rows] = encoder_lib.tokenize(encoder, texts)
             bar.update(len(texts))
-    if cache_path is not None:
+    if cache_path is not None and jax.process_index() == 0:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = cache_path.with_suffix(".tmp.npz")
         np.savez(tmp_path, ids=ids_NxM, lengths=lengths_N, fingerprint=np.array(fingerprint))
