@@ -69,11 +69,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f"must be in (0, 1), got {m.fit_val_fraction}")
 
 
-def stage_seed(seed: int, stream: int, stage: int) -> int:
-    """A seed of its own for each (stream, stage) of `config.seed`."""
-    return int(np.random.SeedSequence([seed, stream, stage]).generate_state(1)[0])
-
-
 def stage_dir(workdir: str, arm: str, stage: int) -> str:
     return os.path.join(workdir, "stages", "0" if stage == 0 else f"{stage}-{arm}")
 
@@ -88,7 +83,7 @@ def stage_candidates(config: ml_collections.ConfigDict, pool_size: int) -> list[
                      f"rows; the train pool has {pool_size}")
     config_lib.check(m.probe_size <= per_stage, "mates.probe_size",
                      f"{m.probe_size} exceeds the {per_stage} candidates of a stage")
-    order = np.random.default_rng(stage_seed(config.seed, _CANDIDATES, 0)).permutation(pool_size)
+    order = np.random.default_rng([config.seed, _CANDIDATES]).permutation(pool_size)
     return [np.sort(order[s * per_stage:(s + 1) * per_stage]) for s in range(m.stages)]
 
 
@@ -130,11 +125,11 @@ class Experiment:
         if arm == "mates" and stage > 0:
             scores, params = self.predicted_influence(stage)
             chosen = select.gumbel_top_k(scores, self.stage_size,
-                                         stage_seed(self.config.seed, _GUMBEL, stage),
+                                         config_lib.stream_seed(self.config.seed, _GUMBEL, stage),
                                          self.config.mates.temperature)
         else:
             chosen = select.random_ids(len(candidates), self.stage_size,
-                                       stage_seed(self.config.seed, _RANDOM, stage))
+                                       config_lib.stream_seed(self.config.seed, _RANDOM, stage))
             params = {}
         selection = select.Selection(candidates[chosen.ids], chosen.method,
                                      len(self.train_pool), {**chosen.params, **params,
@@ -148,10 +143,10 @@ class Experiment:
         influence model's validation figures."""
         m, folder = self.config.mates, stage_dir(self.workdir, "mates", stage)
         candidates = self.candidates[stage]
-        state = _load_state(self.trainer, stage_dir(self.workdir, "mates", stage - 1))
 
         def oracle():
-            rng = np.random.default_rng(stage_seed(self.config.seed, _PROBES, stage))
+            state = _load_state(self.trainer, stage_dir(self.workdir, "mates", stage - 1))
+            rng = np.random.default_rng([self.config.seed, _PROBES, stage])
             ids = np.sort(rng.choice(candidates, m.probe_size, replace=False))
             influence = self.prober.oracle_influence(state, self.train_pool.rows(ids),
                                                      self.reference)
@@ -166,7 +161,7 @@ class Experiment:
         fit_config = influence_model.FitConfig(
             learning_rate=m.fit_lr, weight_decay=m.fit_weight_decay, epochs=m.fit_epochs,
             batch_size=m.fit_batch_size, val_fraction=m.fit_val_fraction,
-            seed=stage_seed(self.config.seed, _FIT, stage))
+            seed=config_lib.stream_seed(self.config.seed, _FIT, stage))
 
         def predictions():
             fit = influence_model.fit(self.encoder, tokens["ids"][rows], tokens["lengths"][rows],

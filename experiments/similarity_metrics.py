@@ -73,11 +73,6 @@ _SPLIT, _PCA, _KMEANS, _BASELINE, _BOOTSTRAP, _SELECT_KMEANS, _SELECT = range(7)
 # Config.
 
 
-def stream_seed(seed: int, stream: int, *more: int) -> int:
-    """A seed of its own (31 bits) for each stream (and index) of `config.seed`."""
-    return int(np.random.SeedSequence([seed, stream, *more]).generate_state(1)[0] >> 1)
-
-
 def parse_embeddings(spec: str) -> list[str]:
     """`"encoder,ngram_hash"` -> ["encoder", "ngram_hash"]: known names, each once."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -161,7 +156,7 @@ def split_ids(config: ml_collections.ConfigDict, pool_size: int) -> dict[str, np
     rest, `candidates` (its first `candidates` rows) and `analysis` (its first `analysis_size`
     rows), so the smaller of the two is a subset of the larger."""
     s, check = config.similarity, config_lib.check
-    order = np.random.default_rng(stream_seed(config.seed, _SPLIT)).permutation(pool_size)
+    order = np.random.default_rng([config.seed, _SPLIT]).permutation(pool_size)
     cut = int(round(s.proxy_fraction * pool_size))
     check(cut >= 1 or bool(config.init_from), "similarity.proxy_fraction",
           f"{s.proxy_fraction} of {pool_size} train rows leaves the proxy LM no data")
@@ -306,7 +301,7 @@ class Experiment:
             for part in parts:
                 rows = raw_NxD[np.searchsorted(union, self.ids[part])]
                 post = embed.fit_postprocess(rows, s.pca_dims, sample_size=len(rows),
-                                             seed=stream_seed(self.config.seed, _PCA))
+                                             seed=config_lib.stream_seed(self.config.seed, _PCA))
                 out[part] = embed.apply_postprocess(post, rows, progress=False)
             return out
 
@@ -337,12 +332,12 @@ class Experiment:
 
         def compute():
             if name == RANDOM:
-                return {f"k{k}": random_clusters(n, k, stream_seed(seed, _BASELINE, k))
+                return {f"k{k}": random_clusters(n, k, config_lib.stream_seed(seed, _BASELINE, k))
                         for k in self.ks}
             x_NxD = self.embeddings(name)["analysis"]
             index = EMBEDDINGS.index(name)
             return {f"k{k}": search.balanced_kmeans(
-                x_NxD, k, seed=stream_seed(seed, _KMEANS, index, k)).assignments_N
+                x_NxD, k, seed=config_lib.stream_seed(seed, _KMEANS, index, k)).assignments_N
                 for k in self.ks}
 
         saved = report.cached_npz(self.path("clusters", f"{name}.npz"), compute)
@@ -357,7 +352,7 @@ class Experiment:
             x_NxD = self.embeddings(s.select_embedding)["candidates"]
             clusters = search.balanced_kmeans(
                 x_NxD, s.select_clusters,
-                seed=stream_seed(self.config.seed, _SELECT_KMEANS)).assignments_N
+                seed=config_lib.stream_seed(self.config.seed, _SELECT_KMEANS)).assignments_N
             return {"ids": self.ids["candidates"], "clusters": clusters}
 
         return report.cached_npz(self.path("selection", "clusters.npz"), compute)
@@ -368,7 +363,7 @@ class Experiment:
         if os.path.exists(path):
             return select.Selection.load(path)
         s, candidates = self.config.similarity, self.ids["candidates"]
-        seed = stream_seed(self.config.seed, _SELECT, ARMS.index(arm))
+        seed = config_lib.stream_seed(self.config.seed, _SELECT, ARMS.index(arm))
         if arm == "diverse":
             chosen = select.cluster_diverse(self.selection_clusters()["clusters"], s.select_size,
                                             seed)
@@ -416,7 +411,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     losses_N, domains_N = sample["losses"], sample["domains"]
     n = len(losses_N)
     # One bootstrap seed: every clustering is resampled on the same draws of rows (paired).
-    seed = stream_seed(config.seed, _BOOTSTRAP)
+    seed = config_lib.stream_seed(config.seed, _BOOTSTRAP)
 
     def row(name: str, clusters_N: np.ndarray) -> dict:
         interval = "permutation" if name == RANDOM else "bootstrap"

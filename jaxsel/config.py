@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Runs every experiment on the embedded corpus on 2 CPU cores in minutes.
@@ -54,6 +55,12 @@ DEFAULT_RULES = (
     ("kv", None),
     ("length", None),
 )
+
+
+def stream_seed(seed: int, *streams: int) -> int:
+    """A seed of its own (a 31-bit int) for each random stream (and index) of `config.seed`, for
+    functions that take one int seed: `stream_seed(config.seed, PROBES, stage)`."""
+    return int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0] >> 1)
 
 
 def parse_arg(arg: str | None, default_preset: str = "tiny") -> tuple[str, dict[str, str]]:

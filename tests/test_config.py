@@ -55,3 +55,10 @@ def test_command_line_refuses_bad_override_before_work(tmp_path, override, messa
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not workdir.exists()  # Nothing was written: it failed before any work.
+
+
+def test_stream_seeds_are_fixed_distinct_31_bit_ints():
+    seeds = {config_lib.stream_seed(s, stream, i)
+             for s in range(3) for stream in range(4) for i in range(5)}
+    assert len(seeds) == 60 and all(0 <= x < 2**31 for x in seeds)
+    assert config_lib.stream_seed(7, 1, 2) == config_lib.stream_seed(7, 1, 2)
