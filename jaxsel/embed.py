@@ -141,16 +141,19 @@ def lm_output_mean(
     """Mean of the LM's final hidden states (after the final norm) over real tokens ->
     `[N, D]` float32. `model(tokens, segments, return_hidden=True)` returns `(logits, hidden)`."""
     tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
-
-    @jax.jit
-    def batch_fn(params, tokens_BxL, segments_BxL):
-        _, hidden_BxLxD = model.apply(params, tokens_BxL, segments_BxL, return_hidden=True)
-        return _masked_mean(hidden_BxLxD, segments_BxL != 0)
-
     return _map_batches(
-        functools.partial(batch_fn, params), lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
+        functools.partial(_output_mean_batch, model, params),
+        lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
         len(tokens_NxL), batch_size, "lm_output_mean", progress,
     )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _output_mean_batch(model, params, tokens_BxL, segments_BxL):
+    """One batch of `lm_output_mean` (jitted once per model and shape; the unused logits are
+    dead code to XLA)."""
+    _, hidden_BxLxD = model.apply(params, tokens_BxL, segments_BxL, return_hidden=True)
+    return _masked_mean(hidden_BxLxD, segments_BxL != 0)
 
 
 def decode_sequences(
