@@ -87,14 +87,50 @@ def stage_candidates(config: ml_collections.ConfigDict, pool_size: int) -> list[
     return [np.sort(order[s * per_stage:(s + 1) * per_stage]) for s in range(m.stages)]
 
 
-def _load_state(trainer: train.Trainer, workdir: str) -> train.TrainState:
-    """The latest train state (params, optimizer, step) saved in `workdir`."""
-    mngr = checkpoint.manager(workdir, read_only=True)
-    params, opt_state, meta = checkpoint.restore(mngr, trainer.abstract_state.params,
-                                                 trainer.abstract_state.opt_state)
-    mngr.close()
-    step = jax.device_put(np.int32(meta["step"]), trainer.state_shardings.step)
-    return train.TrainState(step, params, opt_state)
+def predicted_influence(folder: str, section: ml_collections.ConfigDict, prober: probe.Prober,
+                        encoder: encoder_lib.Encoder, state_fn, pool, candidates_N: np.ndarray,
+                        tokens: dict[str, np.ndarray], reference: probe.Reference,
+                        probe_seed: int, fit_seed: int) -> tuple[np.ndarray, dict]:
+    """MATES' steps 2-4, each artifact cached in `folder`: the exact oracle influence of
+    `section.probe_size` of the candidates (pool ids `candidates_N`, sorted) from the train state
+    `state_fn()` (`oracle.npz`); the influence model fitted on them (`influence_model.json`);
+    its z-scored predictions for every candidate, whose encoder inputs are `tokens`
+    (`predictions.npz`). Returns (z_N, figures: the model's validation Spearman, the oracle's
+    mean and spread). `section` holds probe_size, fit_* and predict_batch_size."""
+    mesh = prober.trainer.mesh
+
+    def oracle():
+        rng = np.random.default_rng(probe_seed)
+        ids = np.sort(rng.choice(candidates_N, section.probe_size, replace=False))
+        return {"ids": ids, "influence": prober.oracle_influence(state_fn(), pool.rows(ids),
+                                                                 reference)}
+
+    probed = report.cached_npz(os.path.join(folder, "oracle.npz"), oracle)
+    rows = np.searchsorted(candidates_N, probed["ids"])
+    fit_config = influence_model.FitConfig(
+        learning_rate=section.fit_lr, weight_decay=section.fit_weight_decay,
+        epochs=section.fit_epochs, batch_size=section.fit_batch_size,
+        val_fraction=section.fit_val_fraction, seed=fit_seed)
+
+    def predictions():
+        fit = influence_model.fit(encoder, tokens["ids"][rows], tokens["lengths"][rows],
+                                  probed["influence"], fit_config, mesh=mesh)
+        if jax.process_index() == 0:
+            report.write_json(os.path.join(folder, "influence_model.json"), {
+                "history": fit.history, "best_epoch": fit.best_epoch,
+                "label_mean": fit.label_mean, "label_std": fit.label_std})
+        predicted = influence_model.predict(encoder, fit.params, fit.label_mean, fit.label_std,
+                                            tokens["ids"], tokens["lengths"],
+                                            section.predict_batch_size, mesh=mesh)
+        return {"influence": predicted, "z": (predicted - fit.label_mean) / fit.label_std,
+                "val_spearman": np.float64(fit.history[fit.best_epoch]["val_spearman"])}
+
+    predicted = report.cached_npz(os.path.join(folder, "predictions.npz"), predictions)
+    return predicted["z"], {
+        "probe_size": int(section.probe_size),
+        "influence_model_val_spearman": float(predicted["val_spearman"]),
+        "oracle_mean": float(probed["influence"].mean()),
+        "oracle_std": float(probed["influence"].std())}
 
 
 class Experiment:
@@ -139,49 +175,18 @@ class Experiment:
         return selection
 
     def predicted_influence(self, stage: int) -> tuple[np.ndarray, dict]:
-        """Steps 2-4 for `stage`: z-scored predicted influence of each candidate, and the
-        influence model's validation figures."""
-        m, folder = self.config.mates, stage_dir(self.workdir, "mates", stage)
-        candidates = self.candidates[stage]
-
-        def oracle():
-            state = _load_state(self.trainer, stage_dir(self.workdir, "mates", stage - 1))
-            rng = np.random.default_rng([self.config.seed, _PROBES, stage])
-            ids = np.sort(rng.choice(candidates, m.probe_size, replace=False))
-            influence = self.prober.oracle_influence(state, self.train_pool.rows(ids),
-                                                     self.reference)
-            return {"ids": ids, "influence": influence}
-
-        probed = report.cached_npz(os.path.join(folder, "oracle.npz"), oracle)
+        """Steps 2-4 for `stage`, from the state stage - 1 left (`predicted_influence`)."""
+        folder, candidates = stage_dir(self.workdir, "mates", stage), self.candidates[stage]
         tokens = report.cached_npz(os.path.join(folder, "encoder_inputs.npz"), lambda: dict(zip(
             ("ids", "lengths"), embed.encoder_inputs(
                 self.encoder, self.train_pool.tokens[candidates],
                 self.train_pool.segments[candidates], self.lm_tokenizer), strict=True)))
-        rows = np.searchsorted(candidates, probed["ids"])
-        fit_config = influence_model.FitConfig(
-            learning_rate=m.fit_lr, weight_decay=m.fit_weight_decay, epochs=m.fit_epochs,
-            batch_size=m.fit_batch_size, val_fraction=m.fit_val_fraction,
-            seed=config_lib.stream_seed(self.config.seed, _FIT, stage))
-
-        def predictions():
-            fit = influence_model.fit(self.encoder, tokens["ids"][rows], tokens["lengths"][rows],
-                                      probed["influence"], fit_config, mesh=self.trainer.mesh)
-            best = fit.history[fit.best_epoch]
-            if jax.process_index() == 0:
-                report.write_json(os.path.join(folder, "influence_model.json"), {
-                    "history": fit.history, "best_epoch": fit.best_epoch,
-                    "label_mean": fit.label_mean, "label_std": fit.label_std})
-            predicted = influence_model.predict(
-                self.encoder, fit.params, fit.label_mean, fit.label_std, tokens["ids"],
-                tokens["lengths"], m.predict_batch_size, mesh=self.trainer.mesh)
-            return {"influence": predicted, "z": (predicted - fit.label_mean) / fit.label_std,
-                    "val_spearman": np.float64(best["val_spearman"])}
-
-        predicted = report.cached_npz(os.path.join(folder, "predictions.npz"), predictions)
-        return predicted["z"], {
-            "influence_model_val_spearman": float(predicted["val_spearman"]),
-            "oracle_mean": float(probed["influence"].mean()),
-            "oracle_std": float(probed["influence"].std())}
+        previous = stage_dir(self.workdir, "mates", stage - 1)
+        return predicted_influence(
+            folder, self.config.mates, self.prober, self.encoder,
+            lambda: train.load_state(self.trainer, previous)[0], self.train_pool, candidates,
+            tokens, self.reference, config_lib.stream_seed(self.config.seed, _PROBES, stage),
+            config_lib.stream_seed(self.config.seed, _FIT, stage))
 
     def train_stage(self, arm: str, stage: int) -> dict:
         """Trains `stage` of `arm` on its selection (once) and evaluates it."""

@@ -75,15 +75,7 @@ _SPLIT, _PCA, _KMEANS, _BASELINE, _BOOTSTRAP, _SELECT_KMEANS, _SELECT = range(7)
 
 def parse_embeddings(spec: str) -> list[str]:
     """`"encoder,ngram_hash"` -> ["encoder", "ngram_hash"]: known names, each once."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    config_lib.check(bool(names), "similarity.embeddings",
-                     f"names no embedding; choose from {', '.join(EMBEDDINGS)}")
-    for name in names:
-        config_lib.check(name in EMBEDDINGS, "similarity.embeddings",
-                         f"{name!r} is not one of {', '.join(EMBEDDINGS)}")
-    config_lib.check(len(set(names)) == len(names), "similarity.embeddings",
-                     f"{spec!r} names an embedding twice")
-    return names
+    return config_lib.parse_names(spec, EMBEDDINGS, "similarity.embeddings")
 
 
 def parse_num_clusters(spec: str) -> list[int]:
@@ -215,13 +207,6 @@ def _interval(fn, values_N, clusters_N, num_resamples: int, seed: int,
     rng = np.random.default_rng(seed)
     null = [fn(values_N, rng.permutation(clusters_N)) for _ in range(num_resamples)]
     return [float(q) for q in np.quantile(null, [0.025, 0.975])]
-
-
-def domain_counts(pool, ids: np.ndarray) -> dict[str, int]:
-    """Rows of each domain among `ids` (domains with none left out)."""
-    counts = np.bincount(np.asarray(pool.domains)[np.asarray(ids)],
-                         minlength=len(pool.domain_names))
-    return {name: int(c) for name, c in zip(pool.domain_names, counts, strict=True) if c}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,7 +380,7 @@ class Experiment:
         clusters = self.selection_clusters()
         chosen = np.searchsorted(clusters["ids"], selection.ids)
         result.update(arm=arm, method=selection.method, selection=selection.params,
-                      domains=domain_counts(self.train_pool, selection.ids),
+                      domains=self.train_pool.domain_counts(selection.ids),
                       clusters_covered=int(np.unique(clusters["clusters"][chosen]).size))
         if jax.process_index() == 0:
             report.write_json(done, result)

@@ -63,6 +63,17 @@ def stream_seed(seed: int, *streams: int) -> int:
     return int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0] >> 1)
 
 
+def parse_names(spec: str, choices, key: str) -> list[str]:
+    """`"a,b"` -> ["a", "b"]: names from `choices`, each once; otherwise a ConfigError naming
+    `key` (e.g. a comma-separated list of selectors or embeddings)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    check(bool(names), key, f"names nothing; choose from {', '.join(choices)}")
+    for name in names:
+        check(name in choices, key, f"{name!r} is not one of {', '.join(choices)}")
+    check(len(set(names)) == len(names), key, f"{spec!r} names one twice")
+    return names
+
+
 def parse_arg(arg: str | None, default_preset: str = "tiny") -> tuple[str, dict[str, str]]:
     """`"tiny,steps=50"` -> `("tiny", {"steps": "50"})`."""
     parts = [p for p in (arg or "").split(",") if p]

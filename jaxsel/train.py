@@ -205,26 +205,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
     return {"final_loss": last_loss, "steps": end, "state": state, "trainer": trainer}
 
 
+def load_state(trainer: Trainer, workdir: str, mngr=None) -> tuple[TrainState, dict]:
+    """The latest train state (params, optimizer state, step) saved in `workdir` (or by `mngr`),
+    in the trainer's shardings, and its meta."""
+    own = mngr is None
+    mngr = checkpoint.manager(workdir, read_only=True) if own else mngr
+    if mngr.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    params, opt_state, meta = checkpoint.restore(
+        mngr, trainer.abstract_state.params, trainer.abstract_state.opt_state)
+    if own:
+        mngr.close()
+    step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings.step)
+    return TrainState(step, params, opt_state), meta
+
+
 def _initial_state(config, trainer: Trainer, mngr, batches) -> TrainState:
     if mngr.latest_step() is not None:
-        params, opt_state, meta = checkpoint.restore(
-            mngr, trainer.abstract_state.params, trainer.abstract_state.opt_state)
+        state, meta = load_state(trainer, mngr.directory, mngr)
         batches.set_state(meta["data"])
         logging.info("resumed from step %d", meta["step"])
-        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32),
-                              trainer.state_shardings.step)
-        return TrainState(step, params, opt_state)
+        return state
     if config.continue_from:
-        previous = checkpoint.manager(config.continue_from, read_only=True)
-        if previous.latest_step() is None:
-            raise FileNotFoundError(f"config.continue_from: no checkpoint under "
-                                    f"{config.continue_from}/checkpoints")
-        params, opt_state, meta = checkpoint.restore(
-            previous, trainer.abstract_state.params, trainer.abstract_state.opt_state)
-        previous.close()
+        try:
+            state, meta = load_state(trainer, config.continue_from)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config.continue_from: {e}") from None
         logging.info("continuing %s from step %d", config.continue_from, meta["step"])
-        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.state_shardings.step)
-        return TrainState(step, params, opt_state)
+        return state
     if config.init_from:
         params = checkpoint.load_params(config.init_from, trainer.abstract_params())
         logging.info("continued pretraining from %s", config.init_from)

@@ -180,6 +180,8 @@ def test_pool_accessors(built):
     np.testing.assert_array_equal(np.sort(all_rows), np.arange(len(pool)))
     with pytest.raises(ValueError, match="'zzz'"):
         pool.ids_of_domain("zzz")
+    counted = collections.Counter(pool.domain_names[pool.domains[i]] for i in ids)
+    assert pool.domain_counts(ids) == dict(counted)
 
 
 def test_second_build_reads_the_cache(built, monkeypatch):

@@ -76,7 +76,7 @@ def test_presets_validate_and_options_reach_the_section():
 @pytest.mark.parametrize("key, value, message", [
     ("similarity.embeddings", "encoder,bert", "similarity.embeddings: 'bert' is not one of"),
     ("similarity.embeddings", "encoder,encoder", "similarity.embeddings: .* twice"),
-    ("similarity.embeddings", " , ", "similarity.embeddings: names no embedding"),
+    ("similarity.embeddings", " , ", "similarity.embeddings: names nothing"),
     ("similarity.select_embedding", "tfidf", "similarity.select_embedding: 'tfidf' is not"),
     ("similarity.num_clusters", "4,300", "similarity.num_clusters: K=300 exceeds"),
     ("similarity.num_clusters", "4,x", "similarity.num_clusters: '4,x' is not"),

@@ -86,6 +86,11 @@ class Pool:
             raise ValueError(f"domain {name!r} is not in this pool; domains: {self.domain_names}")
         return np.flatnonzero(self.domains == self.domain_names.index(name))
 
+    def domain_counts(self, ids) -> dict[str, int]:
+        """How many of rows `ids` each domain holds (domains with none left out)."""
+        counts = np.bincount(self.domains[np.asarray(ids)], minlength=len(self.domain_names))
+        return {name: int(c) for name, c in zip(self.domain_names, counts, strict=True) if c}
+
     def rows(self, ids) -> dict[str, np.ndarray]:
         """`tokens` and `segments` [len(ids), L] int32 of rows `ids` (one fancy-indexed read)."""
         ids = np.asarray(ids)
