@@ -12,14 +12,14 @@
    (`Prober.reference_loss`) and held-out perplexity per domain.
 
 Writes into --workdir: config.json, report.json, report.md, reference_loss.png, and
-- `seed/`: the seed's training run; `stage.json` marks it finished;
+- `seed/`: the seed's training run; `model.json` marks it finished;
 - `candidates/encoder_inputs.npz` (MiniLM token ids and lengths of the candidates) and
   `candidates/embeddings.npz` (`candidates` [C, D], `reference` [R, D] MiniLM embeddings of the
   candidates and of the reference items' rows), shared by the embedding selectors;
 - `arms/<selector>/`: `selection.json`, the selector's scores (`low_loss`: `losses.npz`;
   `first_order`: `influence.npz`; `semdedup`: `kept.npz`; `diverse`: `clusters.npz`; `mates`:
   `oracle.npz`, `predictions.npz`, `influence_model.json`), the arm's training run, and
-  `stage.json` when it is finished.
+  `model.json` when it is finished.
 Every artifact is written atomically once (by process 0) and reused, so a killed run resumes
 where it was.
 """
@@ -35,8 +35,8 @@ from absl import app, logging
 from matplotlib.figure import Figure
 
 from experiments import launch, mates, pretrain
-from jaxsel import checkpoint, embed, probe, report, search, select, train
 from jaxsel import config as config_lib
+from jaxsel import embed, probe, report, search, select, train
 from jaxsel.data import pool as pool_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -52,7 +52,6 @@ SELECTORS = (
     "mates",  # oracle on probe_size candidates -> influence model -> Gumbel-top-k (Yu et al.)
 )
 ENCODER_SELECTORS = ("semdedup", "nearest", "diverse", "mates")
-STAGE_FILE = "stage.json"  # Written into a model's folder when it is finished.
 # Separate random streams of config.seed.
 _SPLIT, _SELECT, _KMEANS, _PROBES, _GUMBEL, _FIT = range(6)
 
@@ -71,6 +70,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     on the pool's size is checked by `split_ids`."""
     config_lib.validate(config, num_devices)
     c, check = config.compare, config_lib.check
+    check(config.train.steps == c.seed_steps + c.select_steps, "train.steps",
+          f"is compare.seed_steps + compare.select_steps = {c.seed_steps + c.select_steps} (one "
+          f"schedule for the seed and every arm), got {config.train.steps}; set those instead")
     check(config.train.stop_at == 0, "train.stop_at", "is set for the seed run; leave it 0")
     check(not config.continue_from, "continue_from",
           "is set for each arm (the seed model); leave it empty")
@@ -103,7 +105,6 @@ def model_config(config: ml_collections.ConfigDict, stop_at: int = 0,
     """The training config of the seed (`stop_at=seed_steps`) or of an arm (`continue_from`
     the seed): one schedule over `seed_steps + select_steps`."""
     c = ml_collections.ConfigDict(config.to_dict())
-    c.train.steps = config.compare.seed_steps + config.compare.select_steps
     c.train.stop_at, c.continue_from = stop_at, continue_from
     if continue_from:
         c.init_from = ""
@@ -157,19 +158,20 @@ class Experiment:
 
     def seed(self) -> dict:
         """The seed model: `seed_steps` steps on its share (once), evaluated."""
-        folder = self.path("seed")
-        done = os.path.join(folder, STAGE_FILE)
-        if os.path.exists(done):
-            return report.read_json(done)
-        c = self.config.compare
-        logging.info("seed model: %d steps on %d sequences", c.seed_steps, len(self.ids["seed"]))
-        result = pretrain.train_and_evaluate(model_config(self.config, stop_at=c.seed_steps),
-                                             folder, self.pools, self.ids["seed"])
-        params = checkpoint.load_params(folder, self.trainer.abstract_params())
-        result.update(reference_loss=self.prober.reference_loss(params, self.reference))
-        if jax.process_index() == 0:
-            report.write_json(done, result)
-        return result
+        folder, c = self.path("seed"), self.config.compare
+
+        def train_model():
+            logging.info("seed model: %d steps on %d sequences", c.seed_steps,
+                         len(self.ids["seed"]))
+            return pretrain.train_and_evaluate(
+                model_config(self.config, stop_at=c.seed_steps), folder, self.pools,
+                self.ids["seed"], self.describe)
+
+        return pretrain.train_once(folder, train_model)
+
+    def describe(self, params) -> dict:
+        """What the report says of a trained model besides its perplexity: its reference loss."""
+        return dict(reference_loss=self.prober.reference_loss(params, self.reference))
 
     def state(self) -> train.TrainState:
         """The seed model's train state (params, optimizer, step)."""
@@ -310,24 +312,20 @@ class Experiment:
     def train_arm(self, name: str) -> dict:
         """The seed model continued `select_steps` steps on the selector's pick (once), evaluated:
         held-out perplexity per domain and the reference loss; with the selection's domains."""
-        folder = self.path("arms", name)
-        done = os.path.join(folder, STAGE_FILE)
-        if os.path.exists(done):
-            return report.read_json(done)
-        selection = self.selection(name)
-        c = self.config.compare
-        logging.info("arm %s: %d sequences, steps %d-%d", name, len(selection),
-                     c.seed_steps + 1, c.seed_steps + c.select_steps)
-        result = pretrain.train_and_evaluate(
-            model_config(self.config, continue_from=self.path("seed")), folder, self.pools,
-            selection.ids)
-        params = checkpoint.load_params(folder, self.trainer.abstract_params())
-        result.update(arm=name, method=selection.method, selection=selection.params,
-                      domains=self.train_pool.domain_counts(selection.ids),
-                      reference_loss=self.prober.reference_loss(params, self.reference))
-        if jax.process_index() == 0:
-            report.write_json(done, result)
-        return result
+        folder, c = self.path("arms", name), self.config.compare
+
+        def train_model():
+            selection = self.selection(name)
+            logging.info("arm %s: %d sequences, steps %d-%d", name, len(selection),
+                         c.seed_steps + 1, c.seed_steps + c.select_steps)
+            return pretrain.train_and_evaluate(
+                model_config(self.config, continue_from=self.path("seed")), folder, self.pools,
+                selection.ids, lambda params: dict(
+                    self.describe(params), arm=name, method=selection.method,
+                    selection=selection.params,
+                    domains=self.train_pool.domain_counts(selection.ids)))
+
+        return pretrain.train_once(folder, train_model)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -405,16 +403,7 @@ def plot_reference_loss(result: dict, path: str) -> None:
 
 def main(argv):
     del argv
-    config, workdir = launch.start()
-    config.train.steps = config.compare.seed_steps + config.compare.select_steps
-    validate(config, jax.device_count())
-    if report.open_workdir(workdir, config) is not None:
-        logging.info("already finished: %s/report.json", workdir)
-        return
-    result = run(config, workdir)
-    if jax.process_index() == 0:
-        plot_reference_loss(result, os.path.join(workdir, "reference_loss.png"))
-        report.finish(workdir, result, to_markdown(result))
+    result = launch.main(validate, run, to_markdown, {"reference_loss.png": plot_reference_loss})
     logging.info("reference loss: %s", {a: round(result["arms"][a]["reference_loss"], 4)
                                         for a in result["ranking"]})
 

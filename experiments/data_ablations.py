@@ -17,7 +17,7 @@ experiment measures how well that holds:
 6. gold and proxy perplexities on every held-out domain, their Pearson and Spearman correlations
    with bootstrap confidence intervals, and the training-token cost of both approaches.
 
-Every model is one `train.run` (through `pretrain.train_and_evaluate`) in its own folder of the
+Every model is one `train.run` (through `pretrain.train_once`) in its own folder of the
 model pool, named by a key that hashes what and how it was trained (`model_identity`); a model
 whose folder holds `model.json` is finished and reused, one without it resumes from its
 checkpoints. The pool may be shared by experiments run one after another (not at the same time:
@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import time
 
 import jax
 import matplotlib
@@ -47,7 +46,6 @@ from jaxsel import checkpoint, evaluate, merge, report, stats, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
 
-MODEL_FILE = "model.json"  # Written into a model's folder when it is finished.
 MIXTURE_SIZES = (2, 3)
 MACRO_EQUALS_MICRO = ("macro == micro: in every mixture each group (e.g. each domain) holds as "
                       "many partitions, so the average of group averages is the flat average and "
@@ -220,22 +218,19 @@ def ensure_model(config: ml_collections.ConfigDict, model_pool: str, name: str, 
                               parent and parent["key"])
     key = model_key(identity)
     model_dir = os.path.join(model_pool, key)
-    path = os.path.join(model_dir, MODEL_FILE)
-    if os.path.exists(path):
+    reused = os.path.exists(os.path.join(model_dir, pretrain.MODEL_FILE))
+
+    def train_model():
+        logging.info("model %s: training %d steps on %d sequences in %s", name,
+                     config.train.steps, len(ids), model_dir)
+        tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+        return pretrain.train_and_evaluate(config, model_dir, pools, ids, lambda _: dict(
+            key=key, name=name, identity=identity, tokens=tokens))
+
+    record = pretrain.train_once(model_dir, train_model)
+    if reused:
         logging.info("model %s: found %s", name, model_dir)
-        return {**report.read_json(path), "dir": model_dir, "status": "reused"}
-    logging.info("model %s: training %d steps on %d sequences in %s", name, config.train.steps,
-                 len(ids), model_dir)
-    os.makedirs(model_dir, exist_ok=True)
-    start = time.perf_counter()
-    result = pretrain.train_and_evaluate(config, model_dir, pools, ids)
-    record = dict(key=key, name=name, identity=identity, steps=result["steps"],
-                  tokens=result["steps"] * config.train.batch_size * config.data.seq_len,
-                  final_loss=result["final_loss"], eval=result["eval"],
-                  seconds=round(time.perf_counter() - start, 1))
-    if jax.process_index() == 0:
-        report.write_json(path, record)
-    return {**record, "dir": model_dir, "status": "trained"}
+    return {**record, "dir": model_dir, "status": "reused" if reused else "trained"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,12 +328,7 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the experiment in `workdir` and writes its report; returns the report.
-    A finished workdir's report is returned as it is."""
-    done = report.open_workdir(workdir, config)
-    if done is not None:
-        logging.info("already finished: %s/report.json", workdir)
-        return done
+    """Runs (or resumes) the experiment in `workdir`; returns the report's numbers."""
     a = config.ablation
     model_pool = a.model_pool or os.path.join(workdir, "model_pool")
     pools = pool_lib.build_pools(config)
@@ -395,9 +385,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     partitions={p.name: _model_summary(m)
                                 for p, m in zip(partitions, partition_models, strict=True)},
                     gold={name: _model_summary(m) for name, m in gold_models.items()}))
-    if jax.process_index() == 0:
-        plot_proxy_vs_gold(pairs, os.path.join(workdir, "proxy_vs_gold.png"))
-        report.finish(workdir, result, to_markdown(result))
     return result
 
 
@@ -468,9 +455,10 @@ def _eval_subset(per_domain: int) -> str:
     return "all sequences" if per_domain == 0 else f"the first {per_domain} sequences of each"
 
 
-def plot_proxy_vs_gold(pairs: list[dict], path: str) -> None:
+def plot_proxy_vs_gold(result: dict, path: str) -> None:
     """Scatter of proxy against gold perplexity (log axes, one colour per eval set, circles for
     unions of 2 and triangles for 3) with the line y = x; written atomically."""
+    pairs = result["pairs"]
     fig = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = fig.subplots()
     eval_sets = sorted({r["eval_set"] for r in pairs})
@@ -495,9 +483,7 @@ def plot_proxy_vs_gold(pairs: list[dict], path: str) -> None:
 
 def main(argv):
     del argv
-    config, workdir = launch.start()
-    validate(config, jax.device_count())
-    result = run(config, workdir)
+    result = launch.main(validate, run, to_markdown, {"proxy_vs_gold.png": plot_proxy_vs_gold})
     logging.info("proxy vs gold: %s", json.dumps(result["correlation"]["overall"]))
 
 

@@ -22,7 +22,7 @@ reference loss.
 Writes into --workdir: config.json, report.json, report.md, and `stages/<s>-<arm>/` (stage 0:
 `stages/0`) holding the stage's training run (checkpoints, metrics.jsonl), `selection.json`, and
 for MATES `oracle.npz` (probed ids, influences), `encoder_inputs.npz`, `influence_model.json`
-(fit history) and `predictions.npz`; `stage.json` marks a finished stage. Every artifact is
+(fit history) and `predictions.npz`; `model.json` marks a finished stage. Every artifact is
 written atomically once and reused, so a killed run resumes where it was.
 """
 
@@ -37,14 +37,13 @@ import numpy as np
 from absl import app, logging
 
 from experiments import launch, pretrain
-from jaxsel import checkpoint, embed, influence_model, probe, report, select, train
 from jaxsel import config as config_lib
+from jaxsel import embed, influence_model, probe, report, select, train
 from jaxsel.data import pool as pool_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
 
 ARMS = ("mates", "random")
-STAGE_FILE = "stage.json"  # Written into a stage's folder when it is finished.
 # Separate random streams of config.seed.
 _CANDIDATES, _PROBES, _RANDOM, _GUMBEL, _FIT = range(5)
 
@@ -191,23 +190,21 @@ class Experiment:
     def train_stage(self, arm: str, stage: int) -> dict:
         """Trains `stage` of `arm` on its selection (once) and evaluates it."""
         folder = stage_dir(self.workdir, arm, stage)
-        done = os.path.join(folder, STAGE_FILE)
-        if os.path.exists(done):
-            return report.read_json(done)
-        selection = self.selection(arm, stage)
-        c = ml_collections.ConfigDict(self.config.to_dict())
-        c.train.stop_at = (stage + 1) * self.stage_steps
-        c.continue_from = stage_dir(self.workdir, arm, stage - 1) if stage else ""
-        c.init_from = "" if stage else self.config.init_from
-        logging.info("stage %d (%s): %d sequences, steps %d-%d", stage, arm, len(selection),
-                     stage * self.stage_steps + 1, c.train.stop_at)
-        result = pretrain.train_and_evaluate(c, folder, self.pools, selection.ids)
-        params = checkpoint.load_params(folder, self.trainer.abstract_params())
-        result.update(stage=stage, arm=arm, selection=selection.params,
-                      reference_loss=self.prober.reference_loss(params, self.reference))
-        if jax.process_index() == 0:
-            report.write_json(done, result)
-        return result
+
+        def train_model():
+            selection = self.selection(arm, stage)
+            c = ml_collections.ConfigDict(self.config.to_dict())
+            c.train.stop_at = (stage + 1) * self.stage_steps
+            c.continue_from = stage_dir(self.workdir, arm, stage - 1) if stage else ""
+            c.init_from = "" if stage else self.config.init_from
+            logging.info("stage %d (%s): %d sequences, steps %d-%d", stage, arm, len(selection),
+                         stage * self.stage_steps + 1, c.train.stop_at)
+            return pretrain.train_and_evaluate(
+                c, folder, self.pools, selection.ids, lambda params: dict(
+                    stage=stage, arm=arm, selection=selection.params,
+                    reference_loss=self.prober.reference_loss(params, self.reference)))
+
+        return pretrain.train_once(folder, train_model)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -252,14 +249,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv):
     del argv
-    config, workdir = launch.start()
-    validate(config, jax.device_count())
-    if report.open_workdir(workdir, config) is not None:
-        logging.info("already finished: %s/report.json", workdir)
-        return
-    result = run(config, workdir)
-    if jax.process_index() == 0:
-        report.finish(workdir, result, to_markdown(result))
+    result = launch.main(validate, run, to_markdown)
     logging.info("final reference loss: mates %.4f, random %.4f",
                  result["final"]["mates"]["reference_loss"],
                  result["final"]["random"]["reference_loss"])

@@ -2,9 +2,16 @@
 
 Writes config.json, metrics.jsonl, checkpoints/, report.json (`final_loss`, `eval`: domain ->
 perplexity) and report.md into --workdir; running again on the same workdir resumes.
+
+`train_once` is how every experiment trains one of its models: in its own folder, resumed if cut
+short, and marked finished by `model.json`.
 """
 
 from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -15,9 +22,16 @@ from jaxsel import config as config_lib
 from jaxsel import evaluate, report, select, train
 from jaxsel.data import pipeline, pool
 
+MODEL_FILE = "model.json"  # Written into a model's folder by `train_once` when it is finished.
 
-def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None = None) -> dict:
-    """Trains on `ids` of the train pool (default: all) and evaluates on the held-out pool."""
+
+def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None = None,
+                       describe: Callable[..., dict] | None = None) -> dict:
+    """Trains on `ids` of the train pool (default: all) and evaluates on the held-out pool:
+    `final_loss`, `steps`, `train_sequences`, `eval` (held-out perplexity per domain), plus
+    `describe(params)`'s fields, computed from the final params (e.g. a reference loss), and
+    the wall `seconds` it took."""
+    start = time.perf_counter()
     train_pool = pools["train"]
     ids = np.arange(len(train_pool)) if ids is None else np.asarray(ids)
     batches = iter(pipeline.make_batches(
@@ -27,26 +41,23 @@ def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None
     eval_fn = lambda params, step: evaluate.perplexity_by_domain(  # noqa: E731
         trainer, params, pools["heldout"], config.train.batch_size, config.train.eval_per_domain)
     result = train.run(config, workdir, batches, trainer, evaluate_fn=eval_fn)
+    params = result["state"].params
     return {"final_loss": result["final_loss"], "steps": result["steps"],
-            "train_sequences": int(ids.size),
-            "eval": eval_fn(result["state"].params, result["steps"])}
+            "train_sequences": int(ids.size), "eval": eval_fn(params, result["steps"]),
+            "seconds": round(time.perf_counter() - start, 1),
+            **(describe(params) if describe else {})}
 
 
-def to_markdown(title: str, result: dict) -> str:
-    rows = [(domain, ppl) for domain, ppl in result["eval"].items()]
-    return (f"# {title}\n\nfinal train loss {result['final_loss']:.4f} after {result['steps']} "
-            f"steps on {result['train_sequences']} sequences\n\n## Held-out perplexity\n\n"
-            + report.markdown_table(["domain", "perplexity"], rows))
+def train_once(folder: str, train_model: Callable[[], dict]) -> dict:
+    """The record of the model that `train_model()` trains in `folder` (e.g. by
+    `train_and_evaluate`): read back from `folder/model.json` when finished, so a finished model
+    is never trained (nor its data selected) again; else `train_model()`'s, written there."""
+    return report.cached_json(os.path.join(folder, MODEL_FILE), train_model)
 
 
-def main(argv):
-    del argv
-    config, workdir = launch.start()
-    config_lib.validate(config, jax.device_count())
-    done = report.open_workdir(workdir, config)
-    if done is not None:
-        logging.info("already finished: %s/report.json", workdir)
-        return
+def run(config, workdir: str) -> dict:
+    """Pretraining on the train pool, or on the rows of `config.selection` (a `select.Selection`
+    drawn from this pool)."""
     pools = pool.build_pools(config)
     ids = None
     if config.selection:
@@ -55,9 +66,19 @@ def main(argv):
                          f"{config.selection} selects from a pool of {selection.pool_size} rows; "
                          f"this train pool has {len(pools['train'])}")
         ids = selection.ids
-    result = train_and_evaluate(config, workdir, pools, ids)
-    if jax.process_index() == 0:
-        report.finish(workdir, result, to_markdown("Pretraining", result))
+    return train_and_evaluate(config, workdir, pools, ids)
+
+
+def to_markdown(result: dict) -> str:
+    rows = [(domain, ppl) for domain, ppl in result["eval"].items()]
+    return (f"# Pretraining\n\nfinal train loss {result['final_loss']:.4f} after "
+            f"{result['steps']} steps on {result['train_sequences']} sequences\n\n"
+            "## Held-out perplexity\n\n" + report.markdown_table(["domain", "perplexity"], rows))
+
+
+def main(argv):
+    del argv
+    result = launch.main(config_lib.validate, run, to_markdown)
     logging.info("held-out perplexity: %s", result["eval"])
 
 

@@ -64,7 +64,6 @@ EMBEDDINGS = ("lm_token_mean", "lm_output_mean", "encoder", "ngram_hash")
 LM_EMBEDDINGS = ("lm_token_mean", "lm_output_mean")
 RANDOM, DOMAINS = "random", "domain labels"  # The reference rows of the clustering table.
 ARMS = ("diverse", "random")
-MODEL_FILE = "model.json"  # Written into a model's folder when it is finished.
 # Separate random streams of config.seed.
 _SPLIT, _PCA, _KMEANS, _BASELINE, _BOOTSTRAP, _SELECT_KMEANS, _SELECT = range(7)
 
@@ -241,18 +240,14 @@ class Experiment:
         """The proxy LM: trained once in `proxy/` on its share, or `config.init_from`."""
         if self.config.init_from:
             return {"init_from": self.config.init_from}
-        folder = self.path("proxy")
-        done = os.path.join(folder, MODEL_FILE)
-        if os.path.exists(done):
-            return report.read_json(done)
-        logging.info("proxy LM: %d steps on %d sequences", self.config.similarity.proxy_steps,
-                     len(self.ids["proxy"]))
-        result = pretrain.train_and_evaluate(
-            model_config(self.config, self.config.similarity.proxy_steps), folder, self.pools,
-            self.ids["proxy"])
-        if jax.process_index() == 0:
-            report.write_json(done, result)
-        return result
+        folder, steps = self.path("proxy"), self.config.similarity.proxy_steps
+
+        def train_model():
+            logging.info("proxy LM: %d steps on %d sequences", steps, len(self.ids["proxy"]))
+            return pretrain.train_and_evaluate(model_config(self.config, steps), folder,
+                                               self.pools, self.ids["proxy"])
+
+        return pretrain.train_once(folder, train_model)
 
     def params(self):
         """The proxy's params (after `proxy()` has trained it)."""
@@ -367,24 +362,20 @@ class Experiment:
     def train_model(self, arm: str) -> dict:
         """A fresh LM trained on the arm's selection for `select_steps` steps (once), evaluated
         on the held-out pool; with the selection's domains and the clusters it covers."""
-        folder = self.path("models", arm)
-        done = os.path.join(folder, MODEL_FILE)
-        if os.path.exists(done):
-            return report.read_json(done)
-        selection = self.selection(arm)
-        logging.info("model %s: %d steps on %d sequences", arm,
-                     self.config.similarity.select_steps, len(selection))
-        result = pretrain.train_and_evaluate(
-            model_config(self.config, self.config.similarity.select_steps), folder, self.pools,
-            selection.ids)
-        clusters = self.selection_clusters()
-        chosen = np.searchsorted(clusters["ids"], selection.ids)
-        result.update(arm=arm, method=selection.method, selection=selection.params,
-                      domains=self.train_pool.domain_counts(selection.ids),
-                      clusters_covered=int(np.unique(clusters["clusters"][chosen]).size))
-        if jax.process_index() == 0:
-            report.write_json(done, result)
-        return result
+        folder, steps = self.path("models", arm), self.config.similarity.select_steps
+
+        def train_model():
+            selection = self.selection(arm)
+            logging.info("model %s: %d steps on %d sequences", arm, steps, len(selection))
+            clusters = self.selection_clusters()
+            chosen = clusters["clusters"][np.searchsorted(clusters["ids"], selection.ids)]
+            return pretrain.train_and_evaluate(
+                model_config(self.config, steps), folder, self.pools, selection.ids,
+                lambda _: dict(arm=arm, method=selection.method, selection=selection.params,
+                               domains=self.train_pool.domain_counts(selection.ids),
+                               clusters_covered=int(np.unique(chosen).size)))
+
+        return pretrain.train_once(folder, train_model)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -514,15 +505,8 @@ def plot_variance_reduction(result: dict, path: str) -> None:
 
 def main(argv):
     del argv
-    config, workdir = launch.start()
-    validate(config, jax.device_count())
-    if report.open_workdir(workdir, config) is not None:
-        logging.info("already finished: %s/report.json", workdir)
-        return
-    result = run(config, workdir)
-    if jax.process_index() == 0:
-        plot_variance_reduction(result, os.path.join(workdir, "variance_reduction.png"))
-        report.finish(workdir, result, to_markdown(result))
+    result = launch.main(validate, run, to_markdown,
+                         {"variance_reduction.png": plot_variance_reduction})
     logging.info("variance reduction: %s", json.dumps(
         {f"{r['embedding']}/K={r['k']}": round(r["variance_reduction"], 4)
          for r in result["clustering"]}))

@@ -58,6 +58,18 @@ def cached_npz(path: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def cached_json(path: str, compute: Callable[[], dict]) -> dict:
+    """The JSON object saved at `path`, or `compute()`'s, saved there by process 0: a finished
+    step of a resumable run, e.g. a trained model's record."""
+    if os.path.exists(path):
+        return read_json(path)
+    obj = compute()
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_json(path, obj)
+    return obj
+
+
 def write_figure(path: str, figure) -> None:
     """Saves a matplotlib figure (its format from `path`'s suffix) at 120 dpi."""
     root, suffix = os.path.splitext(path)

@@ -35,7 +35,6 @@ SEED_STEPS, SELECT_STEPS, K = 6, 6, 48
 def _config(**overrides):
     config = cmp_config.get_config("tiny")
     config.update_from_flattened_dict({**OVERRIDES, **overrides})
-    config.train.steps = config.compare.seed_steps + config.compare.select_steps
     return config
 
 
@@ -95,6 +94,7 @@ def test_split_is_seeded_and_disjoint():
     ("compare.dedup_threshold", 1.5, "config.compare.dedup_threshold: must be in"),
     ("compare.seed_steps", 0, "config.compare.seed_steps: must be >= 1"),
     ("compare.temperature", 0.0, "config.compare.temperature: must be > 0"),
+    ("train.steps", 7, "config.train.steps: is compare.seed_steps \\+ compare.select_steps = 12"),
     ("train.stop_at", 3, "config.train.stop_at: is set for the seed run"),
     ("continue_from", "elsewhere", "config.continue_from: is set for each arm"),
 ])
@@ -107,6 +107,9 @@ def test_impossible_values_name_the_key(key, value, message):
 def test_the_schedule_spans_seed_and_arms():
     config = cmp_config.get_config("tiny,seed_steps=10,select_steps=5")
     assert config.train.steps == 15
+    config.compare.seed_steps = 12  # As a command-line override would: the schedule follows.
+    assert config.train.steps == 17
+    config.compare.seed_steps = 10
     seed = cmp.model_config(config, stop_at=10)
     arm = cmp.model_config(config, continue_from="somewhere")
     assert seed.train.steps == arm.train.steps == 15
@@ -203,12 +206,12 @@ def test_report_equals_the_done_markers(tiny_run):
     workdir, result = tiny_run["workdir"], tiny_run["result"]
     assert set(result["arms"]) == set(cmp.SELECTORS)
     for name, arm in result["arms"].items():
-        done = report.read_json(workdir / "arms" / name / "stage.json")
+        done = report.read_json(workdir / "arms" / name / "model.json")
         assert arm["reference_loss"] == done["reference_loss"]
         assert arm["eval"] == done["eval"] and arm["domains"] == done["domains"]
         assert sum(arm["domains"].values()) == K
         assert np.isfinite(arm["reference_loss"]) and arm["eval"]["all"] > 1
-    assert result["seed"] == report.read_json(workdir / "seed/stage.json")
+    assert result["seed"] == report.read_json(workdir / "seed/model.json")
     losses = [result["arms"][a]["reference_loss"] for a in result["ranking"]]
     assert losses == sorted(losses)
     text = (workdir / "report.md").read_text()
@@ -218,18 +221,18 @@ def test_report_equals_the_done_markers(tiny_run):
 
 def test_rerun_recomputes_only_a_deleted_arm(tiny_run):
     workdir = tiny_run["workdir"]
-    kept = [workdir / "seed/stage.json", workdir / "candidates/embeddings.npz",
+    kept = [workdir / "seed/model.json", workdir / "candidates/embeddings.npz",
             workdir / "candidates/encoder_inputs.npz"]
     for name in cmp.SELECTORS:
         if name != "nearest":
-            kept += [workdir / "arms" / name / "stage.json",
+            kept += [workdir / "arms" / name / "model.json",
                      workdir / "arms" / name / "selection.json"]
     mtimes = {p: os.path.getmtime(p) for p in kept}
     subprocess.run(["rm", "-rf", str(workdir / "arms/nearest"), str(workdir / "report.json")],
                    check=True)
     _run(workdir, tiny_run["cache"])
     assert {p: os.path.getmtime(p) for p in kept} == mtimes
-    assert (workdir / "arms/nearest/stage.json").exists()
+    assert (workdir / "arms/nearest/model.json").exists()
     again, first = report.read_json(workdir / "report.json"), tiny_run["result"]
     np.testing.assert_allclose(again["arms"]["nearest"]["reference_loss"],
                                first["arms"]["nearest"]["reference_loss"], rtol=1e-6)

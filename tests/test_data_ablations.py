@@ -15,7 +15,7 @@ import pytest
 import scipy.stats as scipy_stats
 
 from experiments import data_ablations as abl
-from experiments import pretrain
+from experiments import launch, pretrain
 from experiments.configs import data_ablations as abl_config
 from jaxsel import checkpoint, evaluate, train
 from jaxsel import config as config_lib
@@ -332,8 +332,8 @@ def test_second_experiment_finds_every_model_in_the_pool(tiny_run, tmp_path, mon
     monkeypatch.setattr(pretrain, "train_and_evaluate", no_training)
     # Another experiment (other bootstrap) over the same seed, partitions and mixtures.
     config = _config(**{**overrides, "ablation.bootstrap": 100})
-    abl.validate(config, jax.device_count())
-    second = abl.run(config, str(tmp_path / "second"))
+    second = launch.run_experiment(config, str(tmp_path / "second"), abl.validate, abl.run,
+                                   abl.to_markdown)
 
     models = second["models"]
     every = [models["seed"], *models["partitions"].values(), *models["gold"].values()]

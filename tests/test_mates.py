@@ -121,7 +121,7 @@ def test_killed_stage_resumes_to_the_same_result(tiny_run):
     oracle probes, and gives the same result."""
     workdir, stage = tiny_run["workdir"], tiny_run["workdir"] / "stages/1-mates"
     oracle_mtime = os.path.getmtime(stage / "oracle.npz")
-    for name in ("predictions.npz", "selection.json", "stage.json"):
+    for name in ("predictions.npz", "selection.json", "model.json"):
         os.remove(stage / name)
     subprocess.run(["rm", "-rf", str(stage / "checkpoints"), str(stage / "metrics.jsonl"),
                     str(workdir / "report.json")], check=True)

@@ -5,8 +5,9 @@
     python -m experiments.compare_selectors \
         --config=experiments/configs/compare_selectors.py:small,selectors=random,mates ...
 
-`train.steps` is set by the experiment to `compare.seed_steps + compare.select_steps`: one
-learning-rate schedule that the seed run starts (it stops at `seed_steps`) and every arm finishes.
+`train.steps` follows `compare.seed_steps + compare.select_steps` (set either of those, not it):
+one learning-rate schedule that the seed run starts (it stops at `seed_steps`) and every arm
+finishes.
 The other shared sections (data, model, optim, train.batch_size, train.eval_per_domain) apply to
 every model. The `compare` section:
 
@@ -66,6 +67,8 @@ def get_config(arg=None):
         selectors=SELECTORS, reference_domain="reference", reference_items=32, encoder="",
         dedup_threshold=0.9, probe_chunk=16, fit_weight_decay=0.01, fit_val_fraction=0.1,
         predict_batch_size=64, temperature=1.0, eval_batch_size=64, **scale))
+    # A reference, so that options and command-line overrides of either count carry over.
+    config.train.steps = config.compare.get_ref("seed_steps") + config.compare.get_ref(
+        "select_steps")
     config_lib.apply_options(config, options)
-    config.train.steps = config.compare.seed_steps + config.compare.select_steps
     return config
