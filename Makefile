@@ -21,6 +21,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/shellcheck tpu_scripts/*.sh
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -29,6 +30,7 @@ bench: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/shellcheck tpu_scripts/*.sh
 
 clean:
 	rm -rf $(VENV) runs
