@@ -35,6 +35,25 @@ def token_losses(logits_BxLxV: Array, tokens_BxL: Array, segments_BxL: Array
     return losses * mask_BxL, mask_BxL
 
 
+def losses_at(model: nn.Module, params, tokens_BxL: Array, segments_BxL: Array,
+              positions_BxK: Array) -> tuple[Array, Array, Array]:
+    """Next-token predictions at `positions_BxK` only, the LM head run there alone.
+
+    Position `t = positions_BxK[b, k]` of row `b` predicts token `t + 1`. Returns the float32
+    cross-entropy `losses_BxK` (0 where masked, as `token_losses`), `correct_BxK` (the greedy
+    argmax equals the target) and `mask_BxK` (the pair is inside one document,
+    `next_token_targets`). What reference losses, cloze and multiple-choice evals read.
+    """
+    logits_BxKxV = model.apply(params, tokens_BxL, segments_BxL,
+                               logit_positions_BxK=positions_BxK).astype(jnp.float32)
+    targets_BxL, mask_BxL = next_token_targets(tokens_BxL, segments_BxL)
+    targets_BxK, mask_BxK = (jnp.take_along_axis(x, positions_BxK, axis=1)
+                             for x in (targets_BxL, mask_BxL))
+    losses_BxK = optax.softmax_cross_entropy_with_integer_labels(logits_BxKxV, targets_BxK)
+    correct_BxK = jnp.argmax(logits_BxKxV, axis=-1) == targets_BxK
+    return losses_BxK * mask_BxK, correct_BxK, mask_BxK
+
+
 def sequence_losses(logits_BxLxV: Array, tokens_BxL: Array, segments_BxL: Array) -> Array:
     """Mean token loss of each sequence, [B] (0 for a sequence with no target)."""
     losses_BxL, mask_BxL = token_losses(logits_BxLxV, tokens_BxL, segments_BxL)

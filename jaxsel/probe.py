@@ -126,13 +126,18 @@ def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer) -> Reference:
     return Reference.from_weights(tokens[keep], segments[keep], weights[keep])
 
 
-def cloze_from_pool(pool, domain: str, max_items: int) -> Reference:
-    """Cloze items (`cloze_reference`) from the first `max_items` rows of `domain` in `pool`,
-    decoded with the pool's own tokenizer, e.g. the held-out prose of the local corpus."""
-    if max_items < 1:
-        raise ValueError(f"max_items must be >= 1, got {max_items}")
+def cloze_from_pool(pool, domain: str, max_items: int, skip_rows: int = 0) -> Reference:
+    """Cloze items (`cloze_reference`) from the first `max_items` rows of `domain` in `pool`
+    after its first `skip_rows` (e.g. another set's items), decoded with the pool's own
+    tokenizer, e.g. the held-out prose of the local corpus."""
+    if max_items < 1 or skip_rows < 0:
+        raise ValueError(f"max_items must be >= 1 and skip_rows >= 0, got {max_items} and "
+                         f"{skip_rows}")
     tokenizer = tokenizer_lib.load_tokenizer(pool.tokenizer_path)
-    return cloze_reference(pool.rows(pool.ids_of_domain(domain)[:max_items]), tokenizer)
+    ids = pool.ids_of_domain(domain)[skip_rows:skip_rows + max_items]
+    if not ids.size:
+        raise ValueError(f"domain {domain!r} has no rows after its first {skip_rows}")
+    return cloze_reference(pool.rows(ids), tokenizer)
 
 
 def _last_word_span(pieces: Sequence[str], segments_L: np.ndarray) -> tuple[int, int] | None:
@@ -212,14 +217,9 @@ def _batches(reference: Reference, batch_size: int) -> tuple[Array, ...]:
 def _weighted_loss_sums(model, params, tokens_BxL, segments_BxL, positions_BxK, weights_BxK
                         ) -> tuple[Array, Array]:
     """(sum of weighted next-token losses, sum of weights) of one batch of reference rows, with
-    logits computed at the weighted positions only."""
-    logits_BxKxV = model.apply(params, tokens_BxL, segments_BxL,
-                               logit_positions_BxK=positions_BxK)
-    targets_BxL, mask_BxL = loss.next_token_targets(tokens_BxL, segments_BxL)
-    targets_BxK, mask_BxK = (jnp.take_along_axis(x, positions_BxK, axis=1)
-                             for x in (targets_BxL, mask_BxL))
-    losses_BxK = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxKxV.astype(jnp.float32), targets_BxK)
+    logits computed at the weighted positions only (`loss.losses_at`)."""
+    losses_BxK, _, mask_BxK = loss.losses_at(model, params, tokens_BxL, segments_BxL,
+                                             positions_BxK)
     w_BxK = mask_BxK * weights_BxK
     return (losses_BxK * w_BxK).sum(), w_BxK.sum()
 
@@ -413,27 +413,13 @@ class Prober:
                                 "gradient features", progress)
 
     def _put(self, reference: Reference) -> Reference:
-        """Checks `reference` and makes it a replicated global array on the mesh."""
-        tokens, segments, positions, weights = (np.asarray(x) for x in (
-            reference.tokens_RxL, reference.segments_RxL, reference.positions_RxK,
-            reference.weights_RxK))
-        if tokens.ndim != 2 or tokens.shape[0] == 0:
-            raise ValueError(f"reference: needs [R, L] rows with R >= 1, got tokens of shape "
-                             f"{tokens.shape}")
-        if segments.shape != tokens.shape or positions.ndim != 2 or \
-                weights.shape != positions.shape or positions.shape[0] != tokens.shape[0]:
-            raise ValueError(f"reference: tokens {tokens.shape} and segments {segments.shape} "
-                             f"must be [R, L], positions {positions.shape} and weights "
-                             f"{weights.shape} [R, K]")
-        if positions.size and not 0 <= positions.min() <= positions.max() < tokens.shape[1]:
-            raise ValueError(f"reference: positions must be in [0, L={tokens.shape[1]})")
-        _, mask = loss.next_token_targets(tokens, segments)
-        if not float((np.take_along_axis(np.asarray(mask), positions, 1) * weights).sum()) > 0:
-            raise ValueError("reference: no next-token target has a positive weight")
+        """Checks `reference` (`evaluate.check_rows`) and makes it a replicated global array on
+        the mesh."""
+        rows = evaluate.check_rows(self.trainer, "reference", reference.tokens_RxL,
+                                   reference.segments_RxL, reference.positions_RxK,
+                                   reference.weights_RxK, every_row=False)
         replicated = sharding.replicated(self.trainer.mesh)
-        return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in (
-            tokens.astype(np.int32), segments.astype(np.int32), positions.astype(np.int32),
-            weights.astype(np.float32))))
+        return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in rows))
 
     def _map_chunks(self, fn, state_or_params, candidates, extra: tuple, desc: str,
                     progress: bool) -> np.ndarray:

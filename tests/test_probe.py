@@ -240,6 +240,13 @@ def test_cloze_weights_only_the_last_whole_word(run):
     items = probe.cloze_from_pool(run["heldout"], "prose", 4)
     assert 1 <= len(items.tokens_RxL) <= 4
     assert (items.weights_RxK.sum(1) >= 1).all()
+    prose = run["heldout"].ids_of_domain("prose")
+    later = probe.cloze_from_pool(run["heldout"], "prose", 3, skip_rows=4)
+    rows = run["heldout"].rows(prose[4:7])["tokens"]
+    assert any((r == rows).all(1).any() for r in later.tokens_RxL)
+    assert all((r == rows).all(1).any() for r in later.tokens_RxL)  # Only rows 4, 5, 6.
+    with pytest.raises(ValueError, match="no rows after its first"):
+        probe.cloze_from_pool(run["heldout"], "prose", 3, skip_rows=len(prose))
     with pytest.raises(ValueError, match="rows"):
         probe.cloze_reference({"tokens": tokens[2:], "segments": segments[2:]}, tokenizer)
 
