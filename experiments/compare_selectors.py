@@ -70,6 +70,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     on the pool's size is checked by `split_ids`."""
     config_lib.validate(config, num_devices)
     c, check = config.compare, config_lib.check
+    config_lib.check_reference_apart(config, "compare")
     check(config.train.steps == c.seed_steps + c.select_steps, "train.steps",
           f"is compare.seed_steps + compare.select_steps = {c.seed_steps + c.select_steps} (one "
           f"schedule for the seed and every arm), got {config.train.steps}; set those instead")
@@ -343,6 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "reference_items": int(len(experiment.reference.tokens_RxL)),
         "candidate_domains": experiment.train_pool.domain_counts(experiment.candidates),
         "arms": {name: {"reference_loss": r["reference_loss"], "eval": r["eval"],
+                        "downstream": r["downstream"],
                         "final_loss": r["final_loss"], "method": r["method"],
                         "domains": r["domains"], "selection": r["selection"]}
                  for name, r in arms.items()},
@@ -380,7 +382,10 @@ def to_markdown(result: dict) -> str:
         + "\n![reference loss](reference_loss.png)\n\n## Held-out perplexity per domain\n\n"
         + report.markdown_table(["domain", "seed", *ranking], perplexity)
         + "\n## Selected sequences per domain\n\n"
-        + report.markdown_table(["domain", "candidates", *ranking], composition))
+        + report.markdown_table(["domain", "candidates", *ranking], composition)
+        + "\n## Zero-shot tasks (higher is better)\n\n"
+        + pretrain.downstream_markdown({"seed": seed["downstream"],
+                                        **{a: arms[a]["downstream"] for a in ranking}}))
 
 
 def plot_reference_loss(result: dict, path: str) -> None:

@@ -52,6 +52,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """`config_lib.validate` and the mates section; every message names the key."""
     config_lib.validate(config, num_devices)
     m, check = config.mates, config_lib.check
+    config_lib.check_reference_apart(config, "mates")
     check(m.stages >= 2, "mates.stages", f"must be >= 2 (random, then selected), got {m.stages}")
     check(config.train.steps % m.stages == 0, "train.steps",
           f"{config.train.steps} is not divisible by mates.stages={m.stages}")
@@ -219,8 +220,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "candidates_per_stage": int(len(experiment.candidates[0])),
         "reference_items": int(len(experiment.reference.tokens_RxL)),
         "stages": stages,
-        "final": {arm: {"reference_loss": r["reference_loss"], "eval": r["eval"]}
-                  for arm, r in final.items()},
+        "final": {arm: {"reference_loss": r["reference_loss"], "eval": r["eval"],
+                        "downstream": r["downstream"]} for arm, r in final.items()},
         "reference_loss_gain": final["random"]["reference_loss"]
         - final["mates"]["reference_loss"],
     }
@@ -244,7 +245,9 @@ def to_markdown(result: dict) -> str:
         + report.markdown_table(["stage", "mates", "random", "influence model val Spearman"],
                                 per_stage)
         + "\n\n## Final held-out perplexity\n\n"
-        + report.markdown_table(["domain", *arms], perplexity))
+        + report.markdown_table(["domain", *arms], perplexity)
+        + "\n## Final zero-shot tasks (higher is better)\n\n"
+        + pretrain.downstream_markdown({a: result["final"][a]["downstream"] for a in arms}))
 
 
 def main(argv):

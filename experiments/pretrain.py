@@ -19,7 +19,7 @@ from absl import app, logging
 
 from experiments import launch
 from jaxsel import config as config_lib
-from jaxsel import evaluate, report, select, train
+from jaxsel import downstream, evaluate, report, select, train
 from jaxsel.data import pipeline, pool
 
 MODEL_FILE = "model.json"  # Written into a model's folder by `train_once` when it is finished.
@@ -28,10 +28,11 @@ MODEL_FILE = "model.json"  # Written into a model's folder by `train_once` when 
 def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None = None,
                        describe: Callable[..., dict] | None = None) -> dict:
     """Trains on `ids` of the train pool (default: all) and evaluates on the held-out pool:
-    `final_loss`, `steps`, `train_sequences`, `eval` (held-out perplexity per domain), plus
-    `describe(params)`'s fields, computed from the final params (e.g. a reference loss), and
-    the wall `seconds` it took."""
+    `final_loss`, `steps`, `train_sequences`, `eval` (held-out perplexity per domain),
+    `downstream` (the zero-shot suite, `jaxsel.downstream`), plus `describe(params)`'s fields,
+    computed from the final params (e.g. a reference loss), and the wall `seconds` it took."""
     start = time.perf_counter()
+    suite = downstream.build(config, pools["heldout"])  # Before training: fails early.
     train_pool = pools["train"]
     ids = np.arange(len(train_pool)) if ids is None else np.asarray(ids)
     batches = iter(pipeline.make_batches(
@@ -44,6 +45,7 @@ def train_and_evaluate(config, workdir: str, pools: dict, ids: np.ndarray | None
     params = result["state"].params
     return {"final_loss": result["final_loss"], "steps": result["steps"],
             "train_sequences": int(ids.size), "eval": eval_fn(params, result["steps"]),
+            "downstream": downstream.run(trainer, params, suite, config.downstream.batch_size),
             "seconds": round(time.perf_counter() - start, 1),
             **(describe(params) if describe else {})}
 
@@ -73,7 +75,22 @@ def to_markdown(result: dict) -> str:
     rows = [(domain, ppl) for domain, ppl in result["eval"].items()]
     return (f"# Pretraining\n\nfinal train loss {result['final_loss']:.4f} after "
             f"{result['steps']} steps on {result['train_sequences']} sequences\n\n"
-            "## Held-out perplexity\n\n" + report.markdown_table(["domain", "perplexity"], rows))
+            "## Held-out perplexity\n\n" + report.markdown_table(["domain", "perplexity"], rows)
+            + "\n## Zero-shot tasks\n\n" + downstream_markdown({"model": result["downstream"]}))
+
+
+def downstream_markdown(by_model: dict[str, dict]) -> str:
+    """One table of `downstream` results: a row per task, a column per model (e.g. per arm)."""
+    first = next(iter(by_model.values()))
+    rows = [(f"average {kind}", *(r["average"].get(kind, float("nan")) for r in by_model.values()))
+            for kind in first["average"]]
+    for name, numbers in first["tasks"].items():
+        field = "accuracy" if name.startswith("cloze/") else "acc"
+        rows.append((f"{name} ({numbers['items']} items)",
+                     *(r["tasks"][name][field] for r in by_model.values())))
+    skipped = "".join(f"\n- {name}: {why}" for name, why in first["skipped"].items())
+    return (report.markdown_table(["task (accuracy)", *by_model], rows)
+            + (f"\nLeft out:{skipped}\n" if skipped else ""))
 
 
 def main(argv):

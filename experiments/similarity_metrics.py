@@ -473,7 +473,9 @@ def to_markdown(result: dict) -> str:
         f"{sel['perplexity_gain']:+.3f}.\n\n### Held-out perplexity (lower is better)\n\n"
         + report.markdown_table(["domain", *arms], perplexity)
         + "\n### Selected sequences per domain\n\n"
-        + report.markdown_table(["domain", *arms], composition))
+        + report.markdown_table(["domain", *arms], composition)
+        + "\n### Zero-shot tasks (higher is better)\n\n"
+        + pretrain.downstream_markdown({a: sel["arms"][a]["downstream"] for a in arms}))
 
 
 def plot_variance_reduction(result: dict, path: str) -> None:

@@ -13,6 +13,7 @@ impossible values are refused by `validate`, which names the key. Both happen be
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -33,13 +34,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 PRESET_SCALE: dict[str, dict[str, Any]] = {
     "tiny": dict(seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30,
-                 eval_per_domain=64, max_docs=300),
+                 eval_per_domain=64, max_docs=300, downstream_items=24),
     "small": dict(seq_len=1024, batch_size=256, steps=20_000, lr=6e-4, warmup_steps=1000,
-                  eval_per_domain=0, max_docs=0),
+                  eval_per_domain=0, max_docs=0, downstream_items=1000),
     "410m": dict(seq_len=1024, batch_size=512, steps=50_000, lr=3e-4, warmup_steps=2000,
-                 eval_per_domain=0, max_docs=0),
+                 eval_per_domain=0, max_docs=0, downstream_items=1000),
     "1b": dict(seq_len=1024, batch_size=512, steps=100_000, lr=2e-4, warmup_steps=2000,
-               eval_per_domain=0, max_docs=0),
+               eval_per_domain=0, max_docs=0, downstream_items=1000),
 }
 
 SOURCES = ("jsonl", "parquet", "text", "tfds", "local", "synthetic")
@@ -136,6 +137,18 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         checkpoint_every=100, keep_checkpoints=2, eval_every=0,
         stop_at=0,  # Stop after this step (0: train.steps); the schedule spans train.steps.
         eval_per_domain=scale["eval_per_domain"]))  # Held-out sequences per domain; 0 = all.
+
+    # The zero-shot tasks every trained model is evaluated on (`jaxsel.downstream`): per held-out
+    # domain (`domains`: comma-separated; empty = all) after its first `skip_rows` rows (where
+    # reference sets come from), `num_items` cloze items and a continuation task with `choices`
+    # choices of `continuation_len` tokens after `context_len` (by default a quarter and an
+    # eighth of data.seq_len, following it); `files`: comma-separated jsonl files of
+    # multiple-choice items. `num_items=0` turns the domain tasks off.
+    c.downstream = ml_collections.ConfigDict(dict(
+        domains="", num_items=scale["downstream_items"], skip_rows=32, choices=4, files="",
+        batch_size=64))
+    c.downstream.context_len = c.data.get_ref("seq_len") // 4
+    c.downstream.continuation_len = c.data.get_ref("seq_len") // 8
     return c
 
 
@@ -233,6 +246,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")
     check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+    _validate_downstream(config)
     shape = mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
     check(t.batch_size % batch_shards == 0, "train.batch_size",
@@ -240,3 +254,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"mesh.data*mesh.fsdp={batch_shards}")
     check(m.num_heads % shape["tensor"] == 0, "mesh.tensor",
            f"{shape['tensor']} does not divide model.num_heads={m.num_heads}")
+
+
+def _validate_downstream(config: ml_collections.ConfigDict) -> None:
+    d = config.downstream
+    for key in ("num_items", "skip_rows"):
+        check(d[key] >= 0, f"downstream.{key}", f"must be >= 0, got {d[key]}")
+    check(d.choices >= 2, "downstream.choices", f"must be >= 2, got {d.choices}")
+    check(d.num_items == 0 or d.num_items >= d.choices, "downstream.num_items",
+          f"{d.num_items} is fewer than downstream.choices={d.choices} (distractors are other "
+          "items' continuations); 0 turns the domain tasks off")
+    for key in ("context_len", "continuation_len", "batch_size"):
+        check(d[key] >= 1, f"downstream.{key}", f"must be >= 1, got {d[key]}")
+    width = d.context_len + d.continuation_len
+    check(width <= config.data.seq_len, "downstream.context_len",
+          f"context_len + continuation_len = {width} exceeds data.seq_len={config.data.seq_len}")
+    for path in (p.strip() for p in d.files.split(",") if p.strip()):
+        check(os.path.isfile(path), "downstream.files", f"{path} is not a file")
+
+
+def check_reference_apart(config: ml_collections.ConfigDict, section: str) -> None:
+    """Refuses a reference set (`<section>.reference_domain` / `reference_items`, drawn from the
+    first held-out rows of its domain) that the zero-shot tasks would also evaluate."""
+    s, d = config[section], config.downstream
+    domains = [x.strip() for x in d.domains.split(",") if x.strip()]
+    if d.num_items and (not domains or s.reference_domain in domains):
+        check(s.reference_items <= d.skip_rows, "downstream.skip_rows",
+              f"{d.skip_rows} is fewer than {section}.reference_items={s.reference_items}: the "
+              f"zero-shot tasks of {s.reference_domain!r} would evaluate reference items")

@@ -28,6 +28,8 @@ OVERRIDES = {
     "compare.probe_chunk": 8, "compare.reference_domain": "prose", "compare.reference_items": 8,
     "compare.encoder_max_length": 32, "compare.fit_epochs": 2, "compare.fit_batch_size": 8,
     "compare.predict_batch_size": 32, "compare.eval_batch_size": 32,
+    "downstream.num_items": 8, "downstream.skip_rows": 8, "downstream.context_len": 8,
+    "downstream.continuation_len": 4,
 }
 SEED_STEPS, SELECT_STEPS, K = 6, 6, 48
 
@@ -209,6 +211,8 @@ def test_report_equals_the_done_markers(tiny_run):
         done = report.read_json(workdir / "arms" / name / "model.json")
         assert arm["reference_loss"] == done["reference_loss"]
         assert arm["eval"] == done["eval"] and arm["domains"] == done["domains"]
+        assert arm["downstream"] == done["downstream"]
+        assert arm["downstream"]["tasks"] or arm["downstream"]["skipped"]
         assert sum(arm["domains"].values()) == K
         assert np.isfinite(arm["reference_loss"]) and arm["eval"]["all"] > 1
     assert result["seed"] == report.read_json(workdir / "seed/model.json")
@@ -216,6 +220,7 @@ def test_report_equals_the_done_markers(tiny_run):
     assert losses == sorted(losses)
     text = (workdir / "report.md").read_text()
     assert "Data selectors compared" in text and all(f"| {a} |" in text for a in cmp.SELECTORS)
+    assert "Zero-shot tasks" in text
     assert (workdir / "reference_loss.png").stat().st_size > 0
 
 

@@ -23,6 +23,8 @@ OVERRIDES = {
     "mates.reference_domain": "prose", "mates.reference_items": 8,
     "mates.encoder_max_length": 32, "mates.fit_epochs": 2, "mates.fit_batch_size": 8,
     "mates.fit_lr": 1e-4, "mates.predict_batch_size": 32, "mates.eval_batch_size": 8,
+    "downstream.num_items": 8, "downstream.skip_rows": 8, "downstream.context_len": 8,
+    "downstream.continuation_len": 4,
 }
 
 
@@ -108,11 +110,14 @@ def test_report_compares_both_arms(tiny_run):
         assert [s["stage"] for s in result["stages"][arm]] == [0, 1]
         final = result["final"][arm]
         assert np.isfinite(final["reference_loss"]) and final["eval"]["all"] > 1
+        assert final["downstream"] == result["stages"][arm][-1]["downstream"]
+        assert final["downstream"]["tasks"] or final["downstream"]["skipped"]
     assert result["reference_loss_gain"] == pytest.approx(
         result["final"]["random"]["reference_loss"] - result["final"]["mates"]["reference_loss"])
     spearman = result["stages"]["mates"][1]["selection"]["influence_model_val_spearman"]
     assert -1 <= spearman <= 1
-    assert "MATES vs random" in (tiny_run["workdir"] / "report.md").read_text()
+    text = (tiny_run["workdir"] / "report.md").read_text()
+    assert "MATES vs random" in text and "Final zero-shot tasks" in text
 
 
 def test_killed_stage_resumes_to_the_same_result(tiny_run):

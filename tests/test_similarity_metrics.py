@@ -28,6 +28,8 @@ OVERRIDES = {
     "similarity.encoder_max_length": 32, "similarity.ngram_buckets": 256,
     "similarity.select_clusters": 6, "similarity.select_size": 90, "similarity.select_steps": 12,
     "similarity.eval_batch_size": 32, "similarity.bootstrap": 200,
+    "downstream.num_items": 8, "downstream.skip_rows": 8, "downstream.context_len": 8,
+    "downstream.continuation_len": 4,
 }
 KS = (4, 16)
 
@@ -271,6 +273,8 @@ def test_selections_are_valid_and_each_trains_a_model(tiny_run):
     assert tiny_run["result"]["proxy"]["train_sequences"] == len(tiny_run["ids"]["proxy"])
     markdown = (workdir / "report.md").read_text()
     assert "Similarity metrics" in markdown and "| ngram_hash | 16 |" in markdown
+    assert "Zero-shot tasks" in markdown
+    assert all(arms[a]["downstream"]["tasks"] or arms[a]["downstream"]["skipped"] for a in arms)
     assert (workdir / "variance_reduction.png").stat().st_size > 0
 
 

@@ -1,0 +1,99 @@
+"""The zero-shot suite every trained model is evaluated on (`config.downstream`), no download.
+
+For each held-out domain (all, or those named in `downstream.domains`), from its rows after the
+first `downstream.skip_rows` (reference sets such as MATES' cloze items are drawn from the first
+rows, so no evaluated item is one a selector aimed at):
+
+- `cloze/<domain>`: LAMBADA-style items (`probe.cloze_from_pool`, `downstream.num_items` rows),
+  scored by `evaluate.cloze_accuracy`: the greedy prediction of each row's last word;
+- `continuation/<domain>`: a HellaSwag-like task (`tasks.continuation_task`: a window of a
+  document in each of `downstream.num_items` rows, `choices` same-length continuations, one
+  true), scored by `evaluate.multiple_choice`;
+
+plus `mc/<file stem>` for each jsonl file of multiple-choice items in `downstream.files` (e.g.
+ARC or SciQ exported in `tasks.load_jsonl`'s format). A domain too small for a task is left out
+and named in the suite's `skipped` with the reason. `average` holds the macro averages of the
+cloze accuracies and of the continuation accuracies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from jaxsel import config as config_lib
+from jaxsel import evaluate, probe, tasks
+from jaxsel.data import tokenizer as tokenizer_lib
+
+_SUITE = 7  # The stream of config.seed that draws the continuation tasks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """Tasks by name (`probe.Reference` cloze items or `tasks.MultipleChoice`) and the tasks left
+    out, by name, with the reason."""
+
+    tasks: dict
+    skipped: dict[str, str]
+
+
+def build(config: ml_collections.ConfigDict, heldout) -> Suite:
+    """The suite of `config.downstream` on the held-out pool `heldout`."""
+    d = config.downstream
+    domains = _names(d.domains) or list(heldout.domain_names)
+    unknown = sorted(set(domains) - set(heldout.domain_names))
+    config_lib.check(not unknown, "downstream.domains",
+                     f"{unknown} are not domains of the held-out pool {heldout.domain_names}")
+    suite, skipped = {}, {}
+    seed = config_lib.stream_seed(config.seed, _SUITE)
+    for domain in domains if d.num_items else []:
+        builders = {
+            f"cloze/{domain}": lambda domain=domain: probe.cloze_from_pool(
+                heldout, domain, d.num_items, d.skip_rows),
+            f"continuation/{domain}": lambda domain=domain: tasks.continuation_task(
+                heldout, domain, d.num_items, d.choices, d.context_len, d.continuation_len, seed,
+                d.skip_rows)}
+        for name, make in builders.items():
+            try:
+                suite[name] = make()
+            except ValueError as e:  # Too few rows or documents in this domain.
+                skipped[name] = str(e)
+    if d.files:
+        tokenizer = tokenizer_lib.load_tokenizer(heldout.tokenizer_path)
+        for path in _names(d.files):
+            items, bad = tasks.load_jsonl(path)
+            mc = tasks.multiple_choice_from_texts(items, tokenizer, config.data.seq_len,
+                                                  skipped=bad)
+            name = f"mc/{os.path.splitext(os.path.basename(path))[0]}"
+            if mc.num_items:
+                suite[name] = mc
+            else:
+                skipped[name] = f"no usable items in {path} (skipped: {dict(mc.skipped)})"
+    return Suite(suite, skipped)
+
+
+def run(trainer, params, suite: Suite, batch_size: int) -> dict:
+    """Every task of `suite` under `params`: `tasks` (name -> the evaluate function's numbers),
+    `average` (macro averages of cloze and continuation accuracies, where there are any) and
+    `skipped`."""
+    results = {}
+    for name, task in suite.tasks.items():
+        if isinstance(task, tasks.MultipleChoice):
+            results[name] = evaluate.multiple_choice(trainer, params, task, batch_size)
+            if task.skipped or task.truncated:
+                results[name].update(skipped=dict(task.skipped), truncated=task.truncated)
+        else:
+            results[name] = evaluate.cloze_accuracy(trainer, params, task, batch_size)
+    average = {}
+    for kind, field in (("cloze", "accuracy"), ("continuation", "acc")):
+        values = [r[field] for n, r in results.items() if n.startswith(kind + "/")]
+        if values:
+            average[kind] = float(np.mean(values))
+    return {"tasks": results, "average": average, "skipped": dict(suite.skipped)}
+
+
+def _names(spec: str) -> list[str]:
+    return [x.strip() for x in spec.split(",") if x.strip()]
