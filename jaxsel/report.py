@@ -98,7 +98,7 @@ def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     if os.path.exists(path):
         previous = read_json(path)
-        diff = sorted(_diff(previous, resolved))
+        diff = sorted(config_diff(previous, resolved))
         if diff:
             raise ValueError(f"workdir {workdir} holds a run with another config (keys differ: "
                              f"{', '.join(diff)}); use a new --workdir")
@@ -108,11 +108,12 @@ def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None
     return read_json(report) if os.path.exists(report) else None
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
+def config_diff(a, b, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two JSON trees (e.g. two config.json)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            out += config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
 

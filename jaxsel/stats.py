@@ -7,6 +7,7 @@
 - `bootstrap_ci(fn, x, y, ...)`: the percentile bootstrap over (x_i, y_i) pairs of any of them.
 - `variance_reduction(values, cluster_ids)` and `purity(labels, cluster_ids)`: how well a
   clustering explains a per-point value or label (Sam et al., 2025).
+- `mean_interval(values)`: the mean of independent runs (e.g. seeds) with its Student-t interval.
 
 Bad input (other lengths, too few points, non-finite numbers, impossible options) raises a
 ValueError naming the argument.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import scipy.stats
 
 Correlation = Callable[[np.ndarray, np.ndarray], float]
 
@@ -126,6 +128,26 @@ def purity(labels, cluster_ids) -> float:
     counts_CxL = np.zeros((cluster_index.max() + 1, label_index.max() + 1), np.int64)
     np.add.at(counts_CxL, (cluster_index, label_index), 1)
     return float(counts_CxL.max(axis=1).sum() / len(labels_N))
+
+
+def mean_interval(values, confidence: float = 0.95) -> dict:
+    """`n`, `mean`, `std` (ddof 1) and the Student-t `confidence` interval of the mean (`low`,
+    `high`) of independent measurements, e.g. one per seed; `std` and the interval are None (JSON
+    null) for a single value."""
+    x_N = np.asarray(values, np.float64)
+    if x_N.ndim != 1 or x_N.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {x_N.shape}")
+    _check_finite(x_N, "values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    out = {"n": int(x_N.size), "mean": float(x_N.mean()), "std": None, "low": None,
+           "high": None}
+    if x_N.size >= 2:
+        std = float(x_N.std(ddof=1))
+        half = float(scipy.stats.t.ppf((1 + confidence) / 2, x_N.size - 1)) * std / np.sqrt(
+            x_N.size)
+        out.update(std=std, low=out["mean"] - half, high=out["mean"] + half)
+    return out
 
 
 def _paired(x, y) -> tuple[np.ndarray, np.ndarray]:

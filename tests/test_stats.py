@@ -108,6 +108,20 @@ def test_purity_closed_form():
     assert stats.purity(labels, [0] * 6) == pytest.approx(3 / 6)
 
 
+def test_mean_interval_against_scipy_and_a_closed_form():
+    x = np.array([6.2, 6.5, 6.1, 6.7, 6.4])
+    got = stats.mean_interval(x, 0.9)
+    low, high = scipy_stats.t.interval(0.9, len(x) - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+    assert got["n"] == 5 and got["mean"] == pytest.approx(x.mean())
+    assert got["std"] == pytest.approx(np.std(x, ddof=1))
+    assert (got["low"], got["high"]) == pytest.approx((low, high))
+    # Two values 0 and 2: mean 1, std sqrt(2), t(0.975; 1 df) = 12.7062.
+    two = stats.mean_interval([0.0, 2.0])
+    assert (two["low"], two["high"]) == pytest.approx((1 - 12.7062047, 1 + 12.7062047))
+    one = stats.mean_interval([3.0])
+    assert one == {"n": 1, "mean": 3.0, "std": None, "low": None, "high": None}
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: stats.pearson([1, 2, 3], [1, 2]), "one length"),
     (lambda: stats.spearman([1], [1]), "at least 2"),
@@ -118,6 +132,9 @@ def test_purity_closed_form():
     (lambda: stats.variance_reduction([1, 2], [0]), "cluster_ids must have shape"),
     (lambda: stats.variance_reduction([2, 2], [0, 1]), "values: all points are equal"),
     (lambda: stats.purity([], []), "labels must be a non-empty"),
+    (lambda: stats.mean_interval([]), "values must be a non-empty"),
+    (lambda: stats.mean_interval([1.0, np.inf]), "values has a non-finite"),
+    (lambda: stats.mean_interval([1.0, 2.0], 1.0), "confidence"),
 ])
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
