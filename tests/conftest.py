@@ -1,0 +1,26 @@
+"""One persistent XLA compilation cache for the whole test run, shared by the test process and
+every experiment or worker it starts as a subprocess (they inherit the environment): the tests
+compile the same small models again and again, and a repeat becomes a read."""
+
+import os
+import shutil
+import tempfile
+
+import jax
+
+_OWN_CACHE = []
+
+
+def pytest_configure(config):
+    del config
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="jaxsel-test-xla-")
+        _OWN_CACHE.append(path)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    del config
+    for path in _OWN_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
