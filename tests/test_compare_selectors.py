@@ -5,7 +5,6 @@ a rerun that recomputes only a deleted arm, to the same numbers."""
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,37 +14,27 @@ from experiments.configs import compare_selectors as cmp_config
 from jaxsel import config as config_lib
 from jaxsel import report, select
 from jaxsel.data import pool as pool_lib
+from tests import experiment_runs as runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A shrunken tiny run on the synthetic corpus (703 train rows of 32 tokens in 4 domains): a
 # 6-step seed on 200 rows, 48 of 300 candidates picked by each of the 7 selectors, 6-step arms.
-OVERRIDES = {
-    "data.source": "synthetic", "data.seq_len": 32, "model.vocab_size": 512,
-    "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64, "train.batch_size": 8,
+OVERRIDES = {**runs.SMALL,
     "train.log_every": 1, "train.eval_per_domain": 8, "compare.seed_size": 200,
     "compare.seed_steps": 6, "compare.candidates": 300, "compare.select_size": 48,
     "compare.select_steps": 6, "compare.clusters": 6, "compare.probe_size": 40,
     "compare.probe_chunk": 8, "compare.reference_domain": "prose", "compare.reference_items": 8,
     "compare.encoder_max_length": 32, "compare.fit_epochs": 2, "compare.fit_batch_size": 8,
     "compare.predict_batch_size": 32, "compare.eval_batch_size": 32,
-    "downstream.num_items": 8, "downstream.skip_rows": 8, "downstream.context_len": 8,
-    "downstream.continuation_len": 4,
 }
 SEED_STEPS, SELECT_STEPS, K = 6, 6, 48
 
 
 def _config(**overrides):
-    config = cmp_config.get_config("tiny")
-    config.update_from_flattened_dict({**OVERRIDES, **overrides})
-    return config
+    return runs.config(cmp_config, {**OVERRIDES, **overrides})
 
 
 def _run(workdir, cache):
-    subprocess.run(
-        [sys.executable, "-m", "experiments.compare_selectors",
-         "--config=experiments/configs/compare_selectors.py:tiny", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), f"--config.data.cache_dir={cache}"],
-        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=900)
+    runs.run("compare_selectors", workdir, {**OVERRIDES, "data.cache_dir": cache})
 
 
 @pytest.fixture(scope="module")

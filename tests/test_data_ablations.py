@@ -6,8 +6,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,8 +18,7 @@ from experiments.configs import data_ablations as abl_config
 from jaxsel import checkpoint, evaluate, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import experiment_runs as runs
 
 # A shrunken tiny run: 2 synthetic domains in 2 parts each (4 partitions, grouped by domain), 2
 # unions of 2 and 2 of 3, a few steps each; every model is evaluated on 2 sequences per domain.
@@ -35,9 +32,7 @@ SHRUNK = {
 
 
 def _config(**overrides):
-    config = abl_config.get_config("tiny")
-    config.update_from_flattened_dict({**SHRUNK, **overrides})
-    return config
+    return runs.config(abl_config, {**SHRUNK, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,11 +209,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablations")
     overrides = {**SHRUNK, "data.cache_dir": str(tmp / "cache"),
                  "ablation.model_pool": str(tmp / "model_pool")}
-    subprocess.run(
-        [sys.executable, "-m", "experiments.data_ablations",
-         "--config=experiments/configs/data_ablations.py:tiny", f"--workdir={tmp / 'first'}",
-         *[f"--config.{k}={v}" for k, v in overrides.items()]],
-        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=900)
+    runs.run("data_ablations", tmp / "first", overrides)
     report = json.loads((tmp / "first" / "report.json").read_text())
     return tmp, overrides, report
 

@@ -3,7 +3,6 @@ what each stage selects and trains on, and a killed run resuming to the same res
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,33 +12,23 @@ from experiments.configs import mates as mates_config
 from jaxsel import config as config_lib
 from jaxsel import report, select
 from jaxsel.data import pool as pool_lib
+from tests import experiment_runs as runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {
-    "data.source": "synthetic", "data.seq_len": 32, "model.vocab_size": 512,
-    "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64, "train.batch_size": 8,
+OVERRIDES = {**runs.SMALL,
     "train.steps": 12, "train.log_every": 2, "train.eval_per_domain": 8, "mates.stages": 2,
     "mates.selection_fraction": 0.5, "mates.probe_size": 40, "mates.probe_chunk": 8,
     "mates.reference_domain": "prose", "mates.reference_items": 8,
     "mates.encoder_max_length": 32, "mates.fit_epochs": 2, "mates.fit_batch_size": 8,
     "mates.fit_lr": 1e-4, "mates.predict_batch_size": 32, "mates.eval_batch_size": 8,
-    "downstream.num_items": 8, "downstream.skip_rows": 8, "downstream.context_len": 8,
-    "downstream.continuation_len": 4,
 }
 
 
 def _config(cache):
-    config = mates_config.get_config("tiny")
-    config.update_from_flattened_dict({**OVERRIDES, "data.cache_dir": str(cache)})
-    return config
+    return runs.config(mates_config, {**OVERRIDES, "data.cache_dir": str(cache)})
 
 
 def _run(workdir, cache):
-    subprocess.run(
-        [sys.executable, "-m", "experiments.mates", "--config=experiments/configs/mates.py:tiny",
-         f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-         f"--config.data.cache_dir={cache}"],
-        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=1200)
+    runs.run("mates", workdir, {**OVERRIDES, "data.cache_dir": cache}, timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ numpy from the saved losses and clusters, the random floor, an independent water
 diverse selection), then a killed run resuming from its cached artifacts to the same numbers."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,37 +13,27 @@ from experiments.configs import similarity_metrics as sim_config
 from jaxsel import config as config_lib
 from jaxsel import report, search, select
 from jaxsel.data import pool as pool_lib
+from tests import experiment_runs as runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A shrunken tiny run on the synthetic corpus (703 train rows of 32 tokens in 4 domains): a
 # 40-step proxy on 30% of them, 240 rows analysed, 90 of 360 candidates selected, 12-step models.
-OVERRIDES = {
-    "data.source": "synthetic", "data.seq_len": 32, "model.vocab_size": 512,
-    "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64, "train.batch_size": 8,
+OVERRIDES = {**runs.SMALL,
     "train.log_every": 5, "train.eval_per_domain": 8, "similarity.proxy_fraction": 0.3,
     "similarity.proxy_steps": 40, "similarity.analysis_size": 240, "similarity.candidates": 360,
     "similarity.num_clusters": "4,16", "similarity.pca_dims": 8,
     "similarity.encoder_max_length": 32, "similarity.ngram_buckets": 256,
     "similarity.select_clusters": 6, "similarity.select_size": 90, "similarity.select_steps": 12,
     "similarity.eval_batch_size": 32, "similarity.bootstrap": 200,
-    "downstream.num_items": 8, "downstream.skip_rows": 8, "downstream.context_len": 8,
-    "downstream.continuation_len": 4,
 }
 KS = (4, 16)
 
 
 def _config(**overrides):
-    config = sim_config.get_config("tiny")
-    config.update_from_flattened_dict({**OVERRIDES, **overrides})
-    return config
+    return runs.config(sim_config, {**OVERRIDES, **overrides})
 
 
 def _run(workdir, cache):
-    subprocess.run(
-        [sys.executable, "-m", "experiments.similarity_metrics",
-         "--config=experiments/configs/similarity_metrics.py:tiny", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), f"--config.data.cache_dir={cache}"],
-        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=900)
+    runs.run("similarity_metrics", workdir, {**OVERRIDES, "data.cache_dir": cache})
 
 
 def _variance_reduction(values, clusters):
