@@ -135,7 +135,7 @@ def make_partitions(domains_N: np.ndarray, domain_names: list[str], rest_ids: np
     random parts, each its own group.
     """
     kind, count = parse_partitions(spec)
-    names = [d.strip() for d in use_domains.split(",") if d.strip()] or list(domain_names)
+    names = config_lib.split_list(use_domains) or list(domain_names)
     unknown = [d for d in names if d not in domain_names]
     if unknown:
         raise config_lib.ConfigError(f"config.ablation.domains: {unknown[0]!r} is not a domain "

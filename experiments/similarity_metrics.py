@@ -79,7 +79,7 @@ def parse_embeddings(spec: str) -> list[str]:
 
 def parse_num_clusters(spec: str) -> list[int]:
     """`"8,32"` -> [8, 32]: distinct cluster counts K >= 2."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    parts = config_lib.split_list(spec)
     config_lib.check(bool(parts) and all(p.isdigit() for p in parts), "similarity.num_clusters",
                      f"{spec!r} is not a comma-separated list of cluster counts, e.g. 8,32")
     ks = [int(p) for p in parts]

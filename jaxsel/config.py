@@ -64,10 +64,15 @@ def stream_seed(seed: int, *streams: int) -> int:
     return int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0] >> 1)
 
 
+def split_list(spec: str) -> list[str]:
+    """`" a, b,"` -> ["a", "b"]: the non-empty items of a comma-separated config value."""
+    return [item.strip() for item in spec.split(",") if item.strip()]
+
+
 def parse_names(spec: str, choices, key: str) -> list[str]:
     """`"a,b"` -> ["a", "b"]: names from `choices`, each once; otherwise a ConfigError naming
     `key` (e.g. a comma-separated list of selectors or embeddings)."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    names = split_list(spec)
     check(bool(names), key, f"names nothing; choose from {', '.join(choices)}")
     for name in names:
         check(name in choices, key, f"{name!r} is not one of {', '.join(choices)}")
@@ -269,7 +274,7 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
     width = d.context_len + d.continuation_len
     check(width <= config.data.seq_len, "downstream.context_len",
           f"context_len + continuation_len = {width} exceeds data.seq_len={config.data.seq_len}")
-    for path in (p.strip() for p in d.files.split(",") if p.strip()):
+    for path in split_list(d.files):
         check(os.path.isfile(path), "downstream.files", f"{path} is not a file")
 
 
@@ -277,7 +282,7 @@ def check_reference_apart(config: ml_collections.ConfigDict, section: str) -> No
     """Refuses a reference set (`<section>.reference_domain` / `reference_items`, drawn from the
     first held-out rows of its domain) that the zero-shot tasks would also evaluate."""
     s, d = config[section], config.downstream
-    domains = [x.strip() for x in d.domains.split(",") if x.strip()]
+    domains = split_list(d.domains)
     if d.num_items and (not domains or s.reference_domain in domains):
         check(s.reference_items <= d.skip_rows, "downstream.skip_rows",
               f"{d.skip_rows} is fewer than {section}.reference_items={s.reference_items}: the "

@@ -43,7 +43,7 @@ class Suite:
 def build(config: ml_collections.ConfigDict, heldout) -> Suite:
     """The suite of `config.downstream` on the held-out pool `heldout`."""
     d = config.downstream
-    domains = _names(d.domains) or list(heldout.domain_names)
+    domains = config_lib.split_list(d.domains) or list(heldout.domain_names)
     unknown = sorted(set(domains) - set(heldout.domain_names))
     config_lib.check(not unknown, "downstream.domains",
                      f"{unknown} are not domains of the held-out pool {heldout.domain_names}")
@@ -63,7 +63,7 @@ def build(config: ml_collections.ConfigDict, heldout) -> Suite:
                 skipped[name] = str(e)
     if d.files:
         tokenizer = tokenizer_lib.load_tokenizer(heldout.tokenizer_path)
-        for path in _names(d.files):
+        for path in config_lib.split_list(d.files):
             items, bad = tasks.load_jsonl(path)
             mc = tasks.multiple_choice_from_texts(items, tokenizer, config.data.seq_len,
                                                   skipped=bad)
@@ -93,7 +93,3 @@ def run(trainer, params, suite: Suite, batch_size: int) -> dict:
         if values:
             average[kind] = float(np.mean(values))
     return {"tasks": results, "average": average, "skipped": dict(suite.skipped)}
-
-
-def _names(spec: str) -> list[str]:
-    return [x.strip() for x in spec.split(",") if x.strip()]
