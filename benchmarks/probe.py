@@ -51,7 +51,6 @@ from benchmarks.common import MatmulPeak, emit
 from jaxsel import checkpoint, probe, sharding, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
-from jaxsel.model.transformer import matmul_flops_per_token
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,8 +95,9 @@ def setup(args):
         rows = train_pool.rows(rng.choice(len(train_pool), config.train.batch_size))
         state, _ = trainer.train_step(state, sharding.global_batch(rows, trainer.mesh))
     ids = rng.choice(len(train_pool), args.candidates, replace=False)
-    reference = probe.cloze_from_pool(pools["heldout"], args.reference_domain,
-                                      args.reference_items)
+    reference = probe.cloze_from_pool(
+        pools["heldout"], pools["heldout"].ids_of_domain(args.reference_domain),
+        args.reference_items)
     emit({"preset": "tiny", "params": sum(x.size for x in jax.tree.leaves(state.params)),
           "seq_len": config.data.seq_len, "candidates": args.candidates,
           "loop_candidates": args.loop_candidates, "chunk_size": args.chunk_size,
@@ -157,16 +157,6 @@ def make_oracle_loop(trainer, state, reference, batch_size: int, workdir: str):
         return np.asarray(out, np.float32), dict(phases)
 
     return loop
-
-
-def oracle_matmul_flops(cfg, seq_len: int, reference: probe.Reference) -> int:
-    """Matmul FLOPs of one exact probe: a train step on `seq_len` tokens (forward + backward, 3x
-    the forward) and the reference forward with the LM head at its target positions only."""
-    head = 2 * cfg.d_model * cfg.vocab_size
-    rows, length = reference.tokens_RxL.shape
-    blocks = (matmul_flops_per_token(cfg, length) - head) * rows * length
-    return 3 * matmul_flops_per_token(cfg, seq_len) * seq_len + blocks + head * int(
-        reference.positions_RxK.size)
 
 
 def make_features_loop(trainer, projection):
@@ -254,7 +244,7 @@ def measure(args: argparse.Namespace, workdir: str) -> None:
         "oracle_probes_per_s_loop"]
     summary["oracle_speedup_without_restore"] = summary["oracle_speedup"] * (
         1 - summary["oracle_loop_time_fraction"]["restore"])
-    flops = oracle_matmul_flops(trainer.model.cfg, candidates["tokens"].shape[1], reference)
+    flops = probe.oracle_matmul_flops(trainer.model.cfg, candidates["tokens"].shape[1], reference)
     summary.update(
         oracle_matmul_flops_per_probe=flops, matmul_peak_flops_per_s=max(peak_samples),
         oracle_matmul_utilisation=flops * summary["oracle_probes_per_s"] / max(peak_samples),

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import emit
-from jaxsel import search
+from jaxsel import cluster, search
 from jaxsel.model import encoder as encoder_lib
 
 
@@ -159,13 +159,13 @@ def bench_encoder(batch_size: int, length: int, repeats: int):
 
 def bench_kmeans(x, k: int, num_iters: int):
     start = time.perf_counter()
-    plain = search.kmeans(x, k, seed=0, num_iters=num_iters, tol=0.0)
+    plain = cluster.kmeans(x, k, seed=0, num_iters=num_iters, tol=0.0)
     kmeans_s = time.perf_counter() - start
     start = time.perf_counter()
-    balanced = search.balanced_kmeans(x, k, seed=0, num_iters=num_iters, reseed_rounds=1,
-                                      balance_iters=1, tol=0.0)
+    balanced = cluster.balanced_kmeans(x, k, seed=0, num_iters=num_iters, reseed_rounds=1,
+                                       balance_iters=1, tol=0.0)
     balanced_s = time.perf_counter() - start
-    low, high = search.size_bounds(len(x), k)
+    low, high = cluster.size_bounds(len(x), k)
 
     def inertia(result):
         return float(np.sum((x - result.centroids_KxD[result.assignments_N]) ** 2,

@@ -2,14 +2,14 @@
 Student-t 95% interval of every number their reports share, and paired differences to a baseline.
 
     python -m experiments.aggregate --workdirs=runs/compare_s0,runs/compare_s1,runs/compare_s2 \
-        --out=runs/compare_seeds --baseline=random --match=reference_loss,downstream.average
+        --out=runs/compare_seeds --baseline=random --match=target_eval_loss,downstream.average
 
 Each workdir must hold a finished run (`report.json`) whose `config.json` equals the others' in
 every key but `seed` (otherwise the differing keys are named). A number is a report leaf, named
-by its dotted path (`arms.mates.reference_loss`); those present in every report are aggregated
+by its dotted path (`arms.mates.target_eval_loss`); those present in every report are aggregated
 (`stats.mean_interval`). With `--baseline=NAME`, each number whose path has a component that,
-replaced by NAME, names another number (`arms.mates.reference_loss` -> `arms.random.
-reference_loss`) also gets the interval of its per-seed difference to it (`... - random`):
+replaced by NAME, names another number (`arms.mates.target_eval_loss` -> `arms.random.
+target_eval_loss`) also gets the interval of its per-seed difference to it (`... - random`):
 paired by seed, so the variation seeds share cancels. `--match` keeps the paths containing one
 of the comma-separated substrings. Writes `aggregate.json` and `aggregate.md` into `--out`.
 """

@@ -4,23 +4,25 @@
    the train pool, on a schedule spanning `seed_steps + select_steps` (`train.steps`), stopping
    at `seed_steps` (`train.stop_at`);
 2. candidates: `compare.candidates` rows of the rest of the same seeded draw (disjoint from the
-   seed's share); reference: LAMBADA-style cloze items from the held-out `reference_domain`;
-3. every selector of `compare.selectors` picks `select_size` candidates with the seed model (see
-   SELECTORS), saved as a `select.Selection` of pool ids;
+   seed's share);
+3. every selector of `compare.selectors` (`jaxsel.selectors`) picks `select_size` candidates with
+   the seed model; target-aware selectors see the `target` role's cloze items only;
 4. every arm continues the seed model's whole state (`continue_from`: params, AdamW moments,
-   step) for `select_steps` steps on its selection, and is evaluated: the reference loss
-   (`Prober.reference_loss`) and held-out perplexity per domain.
+   step) for `select_steps` steps on its pick, and is evaluated (`runs.evaluate_model`):
+   `target_loss` (in sample, on the items the selectors aimed at), `target_eval_loss` (out of
+   sample, on other documents of the target domain: arms are ranked by it), held-out perplexity
+   and the zero-shot suite on the `eval` role.
 
-Writes into --workdir: config.json, report.json, report.md, reference_loss.png, and
-- `seed/`: the seed's training run; `model.json` marks it finished;
-- `candidates/encoder_inputs.npz` (MiniLM token ids and lengths of the candidates) and
-  `candidates/embeddings.npz` (`candidates` [C, D], `reference` [R, D] MiniLM embeddings of the
-  candidates and of the reference items' rows), shared by the embedding selectors;
-- `arms/<selector>/`: `selection.json`, the selector's scores (`low_loss`: `losses.npz`;
-  `first_order`: `influence.npz`; `semdedup`: `kept.npz`; `diverse`: `clusters.npz`; `mates`:
-  `oracle.npz`, `predictions.npz`, `influence_model.json`), the arm's training run, and
-  `model.json` when it is finished.
-Every artifact is written atomically once (by process 0) and reused, so a killed run resumes
+The report also gives each pick's composition against the candidates (`jaxsel.composition`: the
+share of the target domain and of junk rows, the planted near-duplicate pairs kept whole, and
+semdedup's precision and recall), MATES' diagnostics (the target share of a plain top-k on its
+oracle labels, its influence model's validation Spearman) and its selection overhead against
+training, in FLOPs and seconds.
+
+Writes into --workdir: config.json, report.json, report.md, target_eval_loss.png, and `seed/`
+(its training run; `model.json` marks it finished), `candidates/` (encoder inputs and
+embeddings) and `arms/<selector>/` (`selection.json`, the selector's artifacts, the arm's
+training run, `model.json`). Every artifact is written once and reused, so a killed run resumes
 where it was.
 """
 
@@ -34,63 +36,36 @@ import numpy as np
 from absl import app, logging
 from matplotlib.figure import Figure
 
-from experiments import launch, mates, pretrain
+from experiments import launch
+from jaxsel import composition, mates, report, runs, select, selectors, train
 from jaxsel import config as config_lib
-from jaxsel import embed, probe, report, search, select, train
-from jaxsel.data import pool as pool_lib
-from jaxsel.data import tokenizer as tokenizer_lib
-from jaxsel.model import encoder as encoder_lib
 
-# Every selector, in the report's order. Each picks `select_size` of the candidates:
-SELECTORS = (
-    "random",  # select.random_ids
-    "low_loss",  # lowest mean token loss under the seed model (perplexity filtering)
-    "semdedup",  # select.dedup of MiniLM embeddings, then a random draw of the kept rows
-    "nearest",  # select.nearest_to_target: most similar to the reference items (MiniLM)
-    "diverse",  # select.cluster_diverse over balanced k-means clusters of MiniLM (Sam et al.)
-    "first_order",  # top-k (lowest) first-order influence on the reference under the seed state
-    "mates",  # oracle on probe_size candidates -> influence model -> Gumbel-top-k (Yu et al.)
-)
-ENCODER_SELECTORS = ("semdedup", "nearest", "diverse", "mates")
-# Separate random streams of config.seed.
-_SPLIT, _SELECT, _KMEANS, _PROBES, _GUMBEL, _FIT = range(6)
-
-
-# ------------------------------------------------------------------------------------------------
-# Config.
-
-
-def parse_selectors(spec: str) -> list[str]:
-    """`"random,mates"` -> ["random", "mates"]: known names, each once."""
-    return config_lib.parse_names(spec, SELECTORS, "compare.selectors")
+_SPLIT, _SELECT = 0, 1  # Random streams of config.seed (selectors.py has its own).
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """`config_lib.validate` and the compare section; every message names the key. What depends
     on the pool's size is checked by `split_ids`."""
     config_lib.validate(config, num_devices)
+    config_lib.require_target(config)
     c, check = config.compare, config_lib.check
-    config_lib.check_reference_apart(config, "compare")
     check(config.train.steps == c.seed_steps + c.select_steps, "train.steps",
           f"is compare.seed_steps + compare.select_steps = {c.seed_steps + c.select_steps} (one "
           f"schedule for the seed and every arm), got {config.train.steps}; set those instead")
     check(config.train.stop_at == 0, "train.stop_at", "is set for the seed run; leave it 0")
     check(not config.continue_from, "continue_from",
           "is set for each arm (the seed model); leave it empty")
-    parse_selectors(c.selectors)
+    config_lib.parse_names(c.selectors, selectors.NAMES, "compare.selectors")
     for key in ("seed_size", "seed_steps", "candidates", "select_size", "select_steps",
-                "reference_items", "clusters", "probe_size", "probe_chunk", "fit_epochs",
+                "clusters", "probe_size", "probe_chunk", "fit_epochs", "encoder_windows",
                 "fit_batch_size", "predict_batch_size", "eval_batch_size"):
         check(c[key] >= 1, f"compare.{key}", f"must be >= 1, got {c[key]}")
     check(c.encoder_max_length >= 2, "compare.encoder_max_length",
           f"must be >= 2, got {c.encoder_max_length}")
-    check(c.select_size <= c.candidates, "compare.select_size",
-          f"{c.select_size} exceeds the compare.candidates={c.candidates} rows")
-    check(c.probe_size <= c.candidates, "compare.probe_size",
-          f"{c.probe_size} exceeds the compare.candidates={c.candidates} rows")
+    for key in ("select_size", "probe_size", "clusters"):
+        check(c[key] <= c.candidates, f"compare.{key}",
+              f"{c[key]} exceeds the compare.candidates={c.candidates} rows")
     check(c.probe_size >= 2, "compare.probe_size", f"must be >= 2 to fit on, got {c.probe_size}")
-    check(c.clusters <= c.candidates, "compare.clusters",
-          f"{c.clusters} exceeds the compare.candidates={c.candidates} rows")
     check(-1 < c.dedup_threshold <= 1, "compare.dedup_threshold",
           f"must be in (-1, 1], got {c.dedup_threshold}")
     check(c.fit_lr > 0, "compare.fit_lr", f"must be > 0, got {c.fit_lr}")
@@ -126,230 +101,126 @@ def split_ids(config: ml_collections.ConfigDict, pool_size: int) -> dict[str, np
                 candidates=np.sort(order[c.seed_size:c.seed_size + c.candidates]))
 
 
-# ------------------------------------------------------------------------------------------------
-# The experiment.
-
-
 class Experiment:
-    """The pools, the rows, the reference set, the seed model and the encoder of one run; each
-    method computes one artifact once (or reads it back) and returns it."""
+    """The data, the rows, the seed model and the candidates' selectors of one run."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        self.config, self.workdir, c = config, workdir, config.compare
-        self.selectors = parse_selectors(c.selectors)
-        self.pools = pool_lib.build_pools(config)
-        self.train_pool = self.pools["train"]
-        self.ids = split_ids(config, len(self.train_pool))
-        self.candidates = self.ids["candidates"]
-        self.reference = probe.cloze_from_pool(self.pools["heldout"], c.reference_domain,
-                                               c.reference_items)
+        self.config, self.workdir = config, workdir
+        self.names = config_lib.parse_names(config.compare.selectors, selectors.NAMES,
+                                            "compare.selectors")
+        self.data = runs.load_data(config)
+        self.ids = split_ids(config, len(self.data.train_pool))
         self.trainer = train.Trainer(model_config(config))
-        self.prober = probe.Prober(self.trainer, chunk_size=c.probe_chunk,
-                                   reference_batch_size=c.eval_batch_size)
-        self.progress = jax.process_index() == 0
-        self.encoder = None
-        if set(self.selectors) & set(ENCODER_SELECTORS):
-            self.encoder = encoder_lib.load_encoder(c.encoder or None, c.encoder_max_length)
         self._state = None
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.workdir, *parts)
-
-    # -- the seed model --------------------------------------------------------------------------
-
-    def seed(self) -> dict:
-        """The seed model: `seed_steps` steps on its share (once), evaluated."""
-        folder, c = self.path("seed"), self.config.compare
-
-        def train_model():
-            logging.info("seed model: %d steps on %d sequences", c.seed_steps,
-                         len(self.ids["seed"]))
-            return pretrain.train_and_evaluate(
-                model_config(self.config, stop_at=c.seed_steps), folder, self.pools,
-                self.ids["seed"], self.describe)
-
-        return pretrain.train_once(folder, train_model)
-
-    def describe(self, params) -> dict:
-        """What the report says of a trained model besides its perplexity: its reference loss."""
-        return dict(reference_loss=self.prober.reference_loss(params, self.reference))
+        self.candidates = selectors.Candidates(
+            workdir, config.compare, self.data.train_pool, self.ids["candidates"], self.trainer,
+            self.state, self.data.items["target"], config.seed, jax.process_index() == 0)
 
     def state(self) -> train.TrainState:
         """The seed model's train state (params, optimizer, step)."""
         if self._state is None:
-            self._state, _ = train.load_state(self.trainer, self.path("seed"))
+            self._state, _ = train.load_state(self.trainer, os.path.join(self.workdir, "seed"))
         return self._state
 
-    # -- shared candidate artifacts --------------------------------------------------------------
-
-    def encoder_inputs(self) -> dict[str, np.ndarray]:
-        """The candidates decoded and tokenised for the encoder: `ids`, `lengths`."""
-        def compute():
-            rows = self.train_pool.rows(self.candidates)
-            return self._encoder_inputs(rows["tokens"], rows["segments"])
-
-        return report.cached_npz(self.path("candidates", "encoder_inputs.npz"), compute)
-
-    def _encoder_inputs(self, tokens, segments) -> dict[str, np.ndarray]:
-        ids, lengths = embed.encoder_inputs(
-            self.encoder, tokens, segments,
-            tokenizer_lib.load_tokenizer(self.train_pool.tokenizer_path), progress=self.progress)
-        return {"ids": ids, "lengths": lengths}
-
-    def embeddings(self) -> dict[str, np.ndarray]:
-        """MiniLM embeddings of the candidates (`candidates`, rows aligned with their sorted
-        ids) and of the reference items' rows (`reference`)."""
-        def compute():
-            batch = self.config.compare.eval_batch_size
-            inputs = self.encoder_inputs()
-            logging.info("embedding %d candidates", len(self.candidates))
-            cand = embed.encoder_embed(self.encoder, inputs["ids"], inputs["lengths"], batch,
-                                       progress=self.progress)
-            ref = self._encoder_inputs(np.asarray(self.reference.tokens_RxL),
-                                       np.asarray(self.reference.segments_RxL))
-            return {"ids": self.candidates, "candidates": cand,
-                    "reference": embed.encoder_embed(self.encoder, ref["ids"], ref["lengths"],
-                                                     batch, progress=False)}
-
-        return report.cached_npz(self.path("candidates", "embeddings.npz"), compute)
-
-    # -- the selectors ---------------------------------------------------------------------------
+    def seed(self) -> dict:
+        """The seed model: `seed_steps` steps on its share (once), evaluated."""
+        folder, c = os.path.join(self.workdir, "seed"), self.config.compare
+        return runs.train_once(folder, lambda: runs.train_and_evaluate(
+            model_config(self.config, stop_at=c.seed_steps), folder, self.data,
+            self.ids["seed"]))
 
     def selection(self, name: str) -> select.Selection:
         """The selector's `select_size` candidates (pool ids), saved once."""
-        path = self.path("arms", name, "selection.json")
+        path = os.path.join(self.workdir, "arms", name, "selection.json")
         if os.path.exists(path):
             return select.Selection.load(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        c, n = self.config.compare, len(self.candidates)
-        k, seed = c.select_size, config_lib.stream_seed(self.config.seed, _SELECT,
-                                                          SELECTORS.index(name))
-        logging.info("selecting %d of %d candidates: %s", k, n, name)
-        rows, params = None, {}
-        if name == "random":
-            chosen = select.random_ids(n, k, seed)
-        elif name == "low_loss":
-            chosen = select.top_k(self.losses()["losses"], k)
-        elif name == "first_order":
-            chosen = select.top_k(self.first_order()["influence"], k)
-        elif name == "nearest":
-            emb = self.embeddings()
-            chosen = select.nearest_to_target(emb["candidates"], emb["reference"], k)
-        elif name == "diverse":
-            chosen = select.cluster_diverse(self.clusters()["clusters"], k, seed)
-            params = dict(clusters=c.clusters)
-        elif name == "semdedup":
-            kept = self.dedup()["kept"]
-            config_lib.check(k <= len(kept), "compare.select_size",
-                             f"{k} exceeds the {len(kept)} candidates semdedup keeps at "
-                             f"compare.dedup_threshold={c.dedup_threshold}")
-            chosen, rows = select.random_ids(len(kept), k, seed), kept
-            params = dict(threshold=c.dedup_threshold, kept=len(kept))
-        else:  # mates
-            scores, params = self.mates_predictions()
-            chosen = select.gumbel_top_k(scores, k, config_lib.stream_seed(
-                self.config.seed, _GUMBEL), c.temperature)
-        picked = chosen.ids if rows is None else rows[chosen.ids]
-        method = "dedup_random" if name == "semdedup" else chosen.method
-        selection = select.Selection(self.candidates[picked], method,
-                                     len(self.train_pool), {**chosen.params, **params,
-                                                            "selector": name, "candidates": n},
-                                     chosen.scores)
+        logging.info("selecting %d of %d candidates: %s", self.config.compare.select_size,
+                     len(self.ids["candidates"]), name)
+        chosen = selectors.pick(self.candidates, name, self.config.compare.select_size,
+                                config_lib.stream_seed(self.config.seed, _SELECT,
+                                                       selectors.NAMES.index(name)))
         if jax.process_index() == 0:
-            selection.save(path)
-        return selection
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            chosen.save(path)
+        return chosen
 
-    def losses(self) -> dict[str, np.ndarray]:
-        """Each candidate's mean token loss under the seed model."""
-        def compute():
-            losses = probe.pool_losses(self.trainer, self.state().params, self.train_pool,
-                                       self.config.compare.eval_batch_size, self.candidates,
-                                       self.progress)
-            return {"ids": self.candidates, "losses": losses}
-
-        return report.cached_npz(self.path("arms", "low_loss", "losses.npz"), compute)
-
-    def first_order(self) -> dict[str, np.ndarray]:
-        """Each candidate's first-order influence on the reference set from the seed state."""
-        def compute():
-            influence = self.prober.first_order_influence(
-                self.state(), self.train_pool.rows(self.candidates), self.reference,
-                self.progress)
-            return {"ids": self.candidates, "influence": influence}
-
-        return report.cached_npz(self.path("arms", "first_order", "influence.npz"), compute)
-
-    def dedup(self) -> dict[str, np.ndarray]:
-        """The candidate rows (indices into the candidates) semdedup keeps."""
-        def compute():
-            kept = select.dedup(self.embeddings()["candidates"],
-                                self.config.compare.dedup_threshold)
-            return {"kept": kept}
-
-        return report.cached_npz(self.path("arms", "semdedup", "kept.npz"), compute)
-
-    def clusters(self) -> dict[str, np.ndarray]:
-        """Balanced k-means clusters of the L2-normalised candidate embeddings."""
-        def compute():
-            x_NxD = embed.l2_normalize(self.embeddings()["candidates"])
-            result = search.balanced_kmeans(
-                x_NxD, self.config.compare.clusters,
-                seed=config_lib.stream_seed(self.config.seed, _KMEANS))
-            return {"ids": self.candidates, "clusters": result.assignments_N}
-
-        return report.cached_npz(self.path("arms", "diverse", "clusters.npz"), compute)
-
-    def mates_predictions(self) -> tuple[np.ndarray, dict]:
-        """MATES from the seed state (`mates.predicted_influence`): z-scored predicted influence
-        of every candidate, and the influence model's validation figures."""
-        return mates.predicted_influence(
-            self.path("arms", "mates"), self.config.compare, self.prober, self.encoder,
-            self.state, self.train_pool, self.candidates, self.encoder_inputs(), self.reference,
-            config_lib.stream_seed(self.config.seed, _PROBES),
-            config_lib.stream_seed(self.config.seed, _FIT))
-
-    # -- the arms --------------------------------------------------------------------------------
-
-    def train_arm(self, name: str) -> dict:
-        """The seed model continued `select_steps` steps on the selector's pick (once), evaluated:
-        held-out perplexity per domain and the reference loss; with the selection's domains."""
-        folder, c = self.path("arms", name), self.config.compare
+    def arm(self, name: str) -> dict:
+        """The seed model continued `select_steps` steps on the selector's pick (once),
+        evaluated, with what the pick is made of."""
+        folder, c = os.path.join(self.workdir, "arms", name), self.config.compare
+        pool, target = self.data.train_pool, self.config.roles.target_domain
 
         def train_model():
             selection = self.selection(name)
             logging.info("arm %s: %d sequences, steps %d-%d", name, len(selection),
                          c.seed_steps + 1, c.seed_steps + c.select_steps)
-            return pretrain.train_and_evaluate(
-                model_config(self.config, continue_from=self.path("seed")), folder, self.pools,
-                selection.ids, lambda params: dict(
-                    self.describe(params), arm=name, method=selection.method,
-                    selection=selection.params,
-                    domains=self.train_pool.domain_counts(selection.ids)))
+            return runs.train_and_evaluate(
+                model_config(self.config, continue_from=os.path.join(self.workdir, "seed")),
+                folder, self.data, selection.ids, lambda _: dict(
+                    arm=name, method=selection.method, selection=selection.params,
+                    domains=pool.domain_counts(selection.ids),
+                    composition=composition.shares(pool, selection.ids, target),
+                    pairs_kept=int(len(composition.whole_pairs(pool, selection.ids)))))
 
-        return pretrain.train_once(folder, train_model)
+        return runs.train_once(folder, train_model)
+
+    def mates_report(self, seed: dict, arm: dict) -> dict:
+        """MATES' diagnostics and overhead against the training of its arm's model (the seed's
+        steps and the arm's); the selection's artifacts are read back."""
+        c, cands = self.config.compare, self.candidates
+        _, info = cands.mates()
+        fraction = c.select_size / len(self.ids["candidates"])
+        top = info["probed_ids"][np.argsort(info["oracle"], kind="stable")[
+            :max(1, round(fraction * len(info["probed_ids"])))]]
+        target = self.config.roles.target_domain
+        lengths = cands.encoder_inputs()["lengths"]
+        probed_rows = np.searchsorted(self.ids["candidates"], info["probed_ids"])
+        flops = mates.overhead(
+            self.trainer.model.cfg, cands.encoder.config, seq_len=self.config.data.seq_len,
+            reference=cands.reference, probes=len(info["probed_ids"]),
+            fit_tokens=int(lengths[probed_rows].sum()), fit_epochs=c.fit_epochs,
+            scored_tokens=int(lengths.sum()), window=c.encoder_max_length)
+        train_flops = mates.training_flops(self.trainer.model.cfg, self.config.data.seq_len,
+                                           self.config.train.steps, self.config.train.batch_size)
+        return {
+            "oracle_top_k_target_share": composition.shares(
+                self.data.train_pool, top, target)["target"],
+            "val_spearman": info["val_spearman"],
+            "pick_target_share": arm["composition"]["target"],
+            "overhead": mates.overhead_summary(flops, info["seconds"], train_flops,
+                                               seed["train_seconds"] + arm["train_seconds"])}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The seed, every selector's arm (each resumed from what is saved), then the comparison."""
-    c = config.compare
+    c, target = config.compare, config.roles.target_domain
     experiment = Experiment(config, workdir)
     seed = experiment.seed()
-    arms = {name: experiment.train_arm(name) for name in experiment.selectors}
-    ranking = sorted(arms, key=lambda a: arms[a]["reference_loss"])
-    return {
-        "seed": seed,
+    arms = {name: experiment.arm(name) for name in experiment.names}
+    pool, candidates = experiment.data.train_pool, experiment.ids["candidates"]
+    result = {
+        "seed": seed, "splits": experiment.data.splits(),
         "seed_steps": c.seed_steps, "select_steps": c.select_steps,
-        "seed_size": int(len(experiment.ids["seed"])),
-        "candidates": int(len(experiment.candidates)), "select_size": c.select_size,
-        "reference_items": int(len(experiment.reference.tokens_RxL)),
-        "candidate_domains": experiment.train_pool.domain_counts(experiment.candidates),
-        "arms": {name: {"reference_loss": r["reference_loss"], "eval": r["eval"],
-                        "downstream": r["downstream"],
-                        "final_loss": r["final_loss"], "method": r["method"],
-                        "domains": r["domains"], "selection": r["selection"]}
-                 for name, r in arms.items()},
-        "ranking": ranking,
+        "seed_size": int(len(experiment.ids["seed"])), "candidates": int(len(candidates)),
+        "select_size": c.select_size,
+        "candidate_domains": pool.domain_counts(candidates),
+        "composition": {"candidates": {**composition.shares(pool, candidates, target),
+                                       "pairs_kept": int(len(composition.whole_pairs(
+                                           pool, candidates)))},
+                        **{name: {**arm["composition"], "pairs_kept": arm["pairs_kept"]}
+                           for name, arm in arms.items()}},
+        "arms": {name: {key: arm[key] for key in (
+            "target_loss", "target_eval_loss", "target_eval_accuracy", "eval", "downstream",
+            "final_loss", "method", "domains", "selection", "train_seconds")}
+            for name, arm in arms.items()},
+        "ranking": sorted(arms, key=lambda a: arms[a]["target_eval_loss"]),
     }
+    if "semdedup" in arms:
+        result["semdedup"] = composition.dedup_quality(
+            pool, candidates, candidates[experiment.candidates.kept()])
+    if "mates" in arms:
+        result["mates"] = experiment.mates_report(seed, arms["mates"])
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,49 +229,90 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def to_markdown(result: dict) -> str:
     arms, ranking, seed = result["arms"], result["ranking"], result["seed"]
-    base = arms["random"]["reference_loss"] if "random" in arms else None
-    table = [(name, arms[name]["method"], arms[name]["reference_loss"],
-              "-" if base is None else f"{base - arms[name]['reference_loss']:+.4f}",
-              arms[name]["eval"]["all"]) for name in ranking]
+    base = arms["random"]["target_eval_loss"] if "random" in arms else None
+    table = [(name, arms[name]["method"], arms[name]["target_eval_loss"],
+              "-" if base is None else f"{base - arms[name]['target_eval_loss']:+.4f}",
+              arms[name]["target_loss"], arms[name]["eval"]["all"]) for name in ranking]
     domains = list(seed["eval"])
     perplexity = [(d, seed["eval"][d], *(arms[a]["eval"].get(d, float("nan")) for a in ranking))
                   for d in domains]
     mix = sorted(set(result["candidate_domains"]) | {d for a in arms for d in arms[a]["domains"]})
-    composition = [(d, result["candidate_domains"].get(d, 0),
-                    *(arms[a]["domains"].get(d, 0) for a in ranking)) for d in mix]
-    return (
-        "# Data selectors compared\n\n"
+    counts = [(d, result["candidate_domains"].get(d, 0),
+               *(arms[a]["domains"].get(d, 0) for a in ranking)) for d in mix]
+    comp = result["composition"]
+    shares = [(name, _pct(comp[name]["target"]), _pct(comp[name]["junk"]),
+               comp[name]["pairs_kept"]) for name in ["candidates", *ranking]]
+    parts = [
+        "# Data selectors compared\n",
         f"Seed model: {result['seed_steps']} steps on {result['seed_size']} random sequences "
-        f"(reference loss {seed['reference_loss']:.4f}, held-out perplexity "
+        f"(target-eval loss {seed['target_eval_loss']:.4f}, held-out perplexity "
         f"{seed['eval']['all']:.2f}). Each selector picks {result['select_size']} of "
         f"{result['candidates']} candidates with it; each arm continues the seed's state for "
-        f"{result['select_steps']} steps on its pick. Reference: {result['reference_items']} "
-        "cloze items. Lower is better everywhere.\n\n"
-        "## Arms by reference loss\n\n"
-        + report.markdown_table(["arm", "method", "reference loss", "gain over random",
-                                 "held-out perplexity (all)"], table)
-        + "\n![reference loss](reference_loss.png)\n\n## Held-out perplexity per domain\n\n"
-        + report.markdown_table(["domain", "seed", *ranking], perplexity)
-        + "\n## Selected sequences per domain\n\n"
-        + report.markdown_table(["domain", "candidates", *ranking], composition)
-        + "\n## Zero-shot tasks (higher is better)\n\n"
-        + pretrain.downstream_markdown({"seed": seed["downstream"],
-                                        **{a: arms[a]["downstream"] for a in ranking}}))
+        f"{result['select_steps']} steps on its pick.\n",
+        "Arms are ranked by the **target-eval loss**: the cloze loss on documents of the target "
+        "domain that no selector saw (out of sample). The **target loss** is on the items the "
+        "target-aware selectors aimed at (in sample). Lower is better for both.\n",
+        "## Arms by target-eval loss\n",
+        report.markdown_table(["arm", "method", "target-eval loss", "gain over random",
+                               "target loss (in sample)", "held-out perplexity (all)"], table),
+        "\n![target-eval loss](target_eval_loss.png)\n",
+        "## What each pick is made of\n",
+        report.markdown_table(["pick", "target domain", "junk", "near-duplicate pairs kept "
+                               "whole"], shares),
+    ]
+    if "semdedup" in result:
+        q = result["semdedup"]
+        against = (f"against the {q['pairs']} planted near-duplicate pairs among the candidates: "
+                   f"precision {_num(q['precision'])}, recall {_num(q['recall'])}" if q["pairs"]
+                   else "the pool plants no near-duplicates to measure it against")
+        parts.append(f"\nsemdedup removed {q['removed']} rows; {against}.\n")
+    if "mates" in result:
+        m = result["mates"]
+        o = m["overhead"]
+        parts += ["\n## MATES\n",
+                  f"Target share of a plain top-k on the oracle labels: "
+                  f"{_pct(m['oracle_top_k_target_share'])}; influence model validation "
+                  f"Spearman {m['val_spearman']:.3f}; target share of the pick "
+                  f"{_pct(m['pick_target_share'])}.\n",
+                  report.markdown_table(["step", "FLOPs", "seconds"], [
+                      (step, f"{o['flops'][step]:.3g}", f"{o['seconds'][step]:.1f}")
+                      for step in ("probe", "fit", "score", "train")]
+                      + [("selection / training", f"{o['flops']['ratio']:.3f}",
+                          _num(o["seconds"]["ratio"]))])]
+    parts += [
+        "\n## Held-out perplexity per domain (eval role)\n",
+        report.markdown_table(["domain", "seed", *ranking], perplexity),
+        "\n## Selected sequences per domain\n",
+        report.markdown_table(["domain", "candidates", *ranking], counts),
+        "\n## Zero-shot tasks (higher is better)\n",
+        report.downstream_table({"seed": seed["downstream"],
+                                 **{a: arms[a]["downstream"] for a in ranking}}),
+        "\n## Data\n", report.splits_markdown(result["splits"])]
+    return "\n".join(parts)
 
 
-def plot_reference_loss(result: dict, path: str) -> None:
-    """Reference loss per arm (bars, best first) and the seed model's (a line); atomic."""
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def plot_target_eval_loss(result: dict, path: str) -> None:
+    """Target-eval loss per arm (bars, best first) and the seed model's (a line); atomic."""
     ranking, arms = result["ranking"], result["arms"]
-    values = [arms[a]["reference_loss"] for a in ranking]
+    values = [arms[a]["target_eval_loss"] for a in ranking]
+    seed = result["seed"]["target_eval_loss"]
     fig = Figure(figsize=(max(4.0, 1.0 * len(ranking) + 2), 4), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(len(ranking)), values, color="tab:blue")
-    ax.axhline(result["seed"]["reference_loss"], color="gray", linestyle="--", linewidth=1,
-               label="seed model")
-    low, high = min(values + [result["seed"]["reference_loss"]]), max(values)
+    ax.axhline(seed, color="gray", linestyle="--", linewidth=1, label="seed model")
+    low, high = min(values + [seed]), max(values)
     pad = max(high - low, 1e-3) * 0.5
     ax.set(xticks=np.arange(len(ranking)), ylim=(low - pad, high + pad),
-           ylabel="reference loss (nats)", title="reference loss per selector (lower is better)")
+           ylabel="target-eval loss (nats)",
+           title="out-of-sample target loss per selector (lower is better)")
     ax.set_xticklabels(ranking, rotation=30, ha="right")
     ax.legend(fontsize=8)
     report.write_figure(path, fig)
@@ -408,9 +320,10 @@ def plot_reference_loss(result: dict, path: str) -> None:
 
 def main(argv):
     del argv
-    result = launch.main(validate, run, to_markdown, {"reference_loss.png": plot_reference_loss})
-    logging.info("reference loss: %s", {a: round(result["arms"][a]["reference_loss"], 4)
-                                        for a in result["ranking"]})
+    result = launch.main(validate, run, to_markdown,
+                         {"target_eval_loss.png": plot_target_eval_loss})
+    logging.info("target-eval loss: %s", {a: round(result["arms"][a]["target_eval_loss"], 4)
+                                          for a in result["ranking"]})
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ one partition of a mixture, tracks the perplexity of a model continued-pretraine
 mixture. So the data ablations of K partitions cost K trainings, not one per mixture. This
 experiment measures how well that holds:
 
-1. a seed model is pretrained on a seeded share (`ablation.seed_fraction`) of the train pool;
-2. the rest is cut into equal partitions (`ablation.partitions`: domains or random splits);
+1. a seed model is pretrained on data of its own: the train-pool domains
+   `ablation.seed_domains`, disjoint from the partitions' (as the paper's seed corpus is
+   separate from the partitions), or, with `seed_domains` empty, a seeded share
+   (`ablation.seed_fraction`) of every domain (a shared seed);
+2. the partitions' domains (`ablation.domains`) are cut into equal partitions
+   (`ablation.partitions`: domains or random splits), from the rows the seed did not see;
 3. the seed is continued-pretrained on each partition (constant learning rate at
    `cpt_lr_ratio` x the seed's peak, no warmup, a fresh optimizer);
 4. gold models are continued-pretrained the same way on unions of 2 and of 3 partitions, for the
@@ -14,10 +18,14 @@ experiment measures how well that holds:
 5. each mixture's proxy is the average of its partition models (`merge.average_stream`, two models
    in memory), and, where a mixture holds several partitions of one group (`domains:K`), also the
    "macro" average of group averages (`merge.average_grouped`);
-6. gold and proxy perplexities on every held-out domain, their Pearson and Spearman correlations
-   with bootstrap confidence intervals, and the training-token cost of both approaches.
+6. gold and proxy perplexities on every held-out domain (eval set, on its `eval` rows) and the
+   headline: for each eval set, the Pearson and Spearman correlations of proxy and gold
+   perplexity across the mixtures (n = mixtures), with percentile bootstrap 95% intervals
+   over the mixtures; then the correlation pooled over (mixture, eval set) pairs, whose
+   bootstrap draws mixtures, each with all its eval sets (the pairs of one mixture share its
+   models, so they are not independent); and the training-token cost of both approaches.
 
-Every model is one `train.run` (through `pretrain.train_once`) in its own folder of the
+Every model is one `train.run` (through `runs.train_once`) in its own folder of the
 model pool, named by a key that hashes what and how it was trained (`model_identity`); a model
 whose folder holds `model.json` is finished and reused, one without it resumes from its
 checkpoints. The pool may be shared by experiments run one after another (not at the same time:
@@ -41,15 +49,17 @@ import numpy as np
 from absl import app, logging
 from matplotlib.figure import Figure
 
-from experiments import launch, pretrain
-from jaxsel import checkpoint, evaluate, merge, report, stats, train
+from experiments import launch
+from jaxsel import checkpoint, evaluate, merge, report, runs, stats, train
 from jaxsel import config as config_lib
-from jaxsel.data import pool as pool_lib
 
 MIXTURE_SIZES = (2, 3)
 MACRO_EQUALS_MICRO = ("macro == micro: in every mixture each group (e.g. each domain) holds as "
                       "many partitions, so the average of group averages is the flat average and "
                       "proxy_macro_ppl equals proxy_ppl")
+SEED_OTHERS = "others"  # ablation.seed_domains: the train-pool domains not in ablation.domains.
+POOLED = "pooled_over_mixture_eval_set_pairs"
+CONFIDENCE = 0.95  # Of every correlation's bootstrap interval.
 # Separate random streams of config.seed.
 _SEED_SPLIT, _PARTITIONS, _MIXTURES = 0, 1, 2
 
@@ -94,6 +104,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f"must be >= 0 (0: all mixtures), got {a.max_mixtures}")
     check(a.eval_batch_size % jax.process_count() == 0, "ablation.eval_batch_size",
           f"{a.eval_batch_size} is not divisible by the {jax.process_count()} processes")
+    seed_names, names = config_lib.split_list(a.seed_domains), config_lib.split_list(a.domains)
+    if seed_names == [SEED_OTHERS]:
+        check(bool(names), "ablation.domains",
+              f"names no domain, so ablation.seed_domains={SEED_OTHERS!r} (the domains not in "
+              "ablation.domains) leaves the seed model none; name the partitions' domains, or "
+              "set ablation.seed_domains='' for a seed trained on a share of every domain")
+    check(SEED_OTHERS not in seed_names or len(seed_names) == 1, "ablation.seed_domains",
+          f"{SEED_OTHERS!r} stands alone (the domains not in ablation.domains), got "
+          f"{a.seed_domains!r}")
+    overlap = [d for d in seed_names if d in names]
+    check(not overlap, "ablation.seed_domains",
+          f"{overlap} are in ablation.domains too; the seed model's domains and the "
+          "partitions' must be disjoint")
 
 
 def model_config(config: ml_collections.ConfigDict, steps: int,
@@ -114,6 +137,40 @@ def model_config(config: ml_collections.ConfigDict, steps: int,
 # Data: the seed split, the partitions and the mixtures.
 
 
+def domain_roles(a: ml_collections.ConfigDict,
+                 domain_names: list[str]) -> tuple[list[str], list[str]]:
+    """(the seed model's domains, the partitions' domains) of the train pool's `domain_names`
+    under the ablation section `a`: the seed's are `a.seed_domains` ([]: a shared seed; `others`:
+    those not in `a.domains`), the partitions' are `a.domains` (empty: all but the seed's)."""
+    seed_names, names = config_lib.split_list(a.seed_domains), config_lib.split_list(a.domains)
+    if seed_names == [SEED_OTHERS]:
+        seed_names = [d for d in domain_names if d not in names]
+        config_lib.check(bool(seed_names), "ablation.seed_domains",
+                         f"{SEED_OTHERS!r}: ablation.domains names every domain of the train "
+                         f"pool {domain_names}, so the seed model has none")
+    names = names or [d for d in domain_names if d not in seed_names]
+    for key, chosen in (("ablation.seed_domains", seed_names), ("ablation.domains", names)):
+        for d in chosen:
+            config_lib.check(d in domain_names, key, f"{d!r} is not a domain of the train pool; "
+                             f"domains: {domain_names}")
+    config_lib.check(bool(names), "ablation.seed_domains",
+                     f"{seed_names} are all the domains of the train pool; the partitions "
+                     "have none")
+    return seed_names, names
+
+
+def seed_rows(domains_N: np.ndarray, domain_names: list[str], seed_names: list[str],
+              fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the seed model's row ids, the rest), both sorted: every row of the domains `seed_names`
+    or, with none, a seeded random `fraction` of all rows (`seed_split`)."""
+    if not seed_names:
+        return seed_split(len(domains_N), fraction, seed)
+    in_seed_N = np.isin(domains_N, [domain_names.index(d) for d in seed_names])
+    config_lib.check(bool(in_seed_N.any()), "ablation.seed_domains",
+                     f"{seed_names} have no rows in the train pool")
+    return np.flatnonzero(in_seed_N), np.flatnonzero(~in_seed_N)
+
+
 def seed_split(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(seed ids, the rest): a seeded random `fraction` of `range(num_rows)`, both sorted."""
     order = np.random.default_rng([seed, _SEED_SPLIT]).permutation(num_rows)
@@ -126,20 +183,15 @@ def seed_split(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 def make_partitions(domains_N: np.ndarray, domain_names: list[str], rest_ids: np.ndarray,
-                    spec: str, use_domains: str, seed: int) -> list[Partition]:
-    """Equal partitions of `rest_ids` (rows of the train pool whose domain indices are
-    `domains_N`), restricted to the comma-separated `use_domains` (empty: all).
+                    spec: str, names: list[str], seed: int) -> list[Partition]:
+    """Equal partitions of the rows of domains `names` among `rest_ids` (rows of the train pool,
+    whose domain indices are `domains_N`).
 
     `domains`: one per domain, each a seeded random subset of the size of the smallest domain;
     `domains:K`: those cut into K equal parts, grouped by domain; `split:K`: all rows in K equal
     random parts, each its own group.
     """
     kind, count = parse_partitions(spec)
-    names = config_lib.split_list(use_domains) or list(domain_names)
-    unknown = [d for d in names if d not in domain_names]
-    if unknown:
-        raise config_lib.ConfigError(f"config.ablation.domains: {unknown[0]!r} is not a domain "
-                                     f"of the train pool; domains: {domain_names}")
     rng = np.random.default_rng([seed, _PARTITIONS])
     by_domain = {d: rest_ids[domains_N[rest_ids] == domain_names.index(d)] for d in names}
     if kind == "split":
@@ -206,28 +258,28 @@ def model_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def ensure_model(config: ml_collections.ConfigDict, model_pool: str, name: str, pools: dict,
-                 ids: np.ndarray, parent: dict | None = None) -> dict:
+def ensure_model(config: ml_collections.ConfigDict, model_pool: str, name: str,
+                 data: runs.Data, ids: np.ndarray, parent: dict | None = None) -> dict:
     """The model trained from `parent` (None: from scratch) on `ids` with `config`: found in the
     model pool, or trained (resuming from its checkpoints if a run was cut short).
 
     Returns its record: key, dir, status ("reused" or "trained"), name, identity, steps, tokens,
     final_loss and eval (held-out perplexity per domain).
     """
-    identity = model_identity(config, pools["train"].report["key"], ids,
+    identity = model_identity(config, data.train_pool.report["key"], ids,
                               parent and parent["key"])
     key = model_key(identity)
     model_dir = os.path.join(model_pool, key)
-    reused = os.path.exists(os.path.join(model_dir, pretrain.MODEL_FILE))
+    reused = os.path.exists(os.path.join(model_dir, runs.MODEL_FILE))
 
     def train_model():
         logging.info("model %s: training %d steps on %d sequences in %s", name,
                      config.train.steps, len(ids), model_dir)
         tokens = config.train.steps * config.train.batch_size * config.data.seq_len
-        return pretrain.train_and_evaluate(config, model_dir, pools, ids, lambda _: dict(
+        return runs.train_and_evaluate(config, model_dir, data, ids, lambda _: dict(
             key=key, name=name, identity=identity, tokens=tokens))
 
-    record = pretrain.train_once(model_dir, train_model)
+    record = runs.train_once(model_dir, train_model)
     if reused:
         logging.info("model %s: found %s", name, model_dir)
     return {**record, "dir": model_dir, "status": "reused" if reused else "trained"}
@@ -257,11 +309,11 @@ def macro_is_micro(groups: dict[str, list[int]]) -> bool:
     return len({len(members) for members in groups.values()}) == 1
 
 
-def proxy_perplexities(trainer: train.Trainer, heldout, batch_size: int, per_domain: int,
+def proxy_perplexities(trainer: train.Trainer, heldout, eval_ids: np.ndarray, batch_size: int,
                        partitions: list[Partition], partition_dirs: list[str],
                        mixture: tuple[int, ...]) -> tuple[dict, dict]:
     """(micro, macro) held-out perplexity per domain of a mixture's merged partition models, on
-    the first `per_domain` sequences of each domain (0: all), as the gold models are evaluated.
+    the held-out rows `eval_ids`, as the gold models are evaluated.
 
     Micro: the flat average of the partition models, streamed (two models in memory). Macro: the
     average of per-group averages (`merge.average_grouped`, the mixture's models in memory); it is
@@ -269,7 +321,7 @@ def proxy_perplexities(trainer: train.Trainer, heldout, batch_size: int, per_dom
     """
     abstract = trainer.abstract_params()
     perplexity = lambda params: evaluate.perplexity_by_domain(  # noqa: E731
-        trainer, params, heldout, batch_size, per_domain)
+        trainer, params, heldout, eval_ids, batch_size)
     micro = perplexity(merge.average_stream(
         load_each([partition_dirs[i] for i in mixture], abstract)))
     groups = mixture_groups(partitions, mixture)
@@ -280,26 +332,37 @@ def proxy_perplexities(trainer: train.Trainer, heldout, batch_size: int, per_dom
     return micro, perplexity(merge.average_grouped(grouped, mode="macro"))
 
 
-def correlation_summary(gold, proxy, num_resamples: int, seed: int) -> dict:
-    """Pearson and Spearman of gold vs proxy perplexity, with 95% percentile bootstrap CIs."""
+def correlation_summary(gold, proxy, num_resamples: int, seed: int, groups=None) -> dict:
+    """`n`, Pearson and Spearman of gold vs proxy perplexity, each with a `CONFIDENCE`
+    percentile bootstrap interval (`_ci`) over the points, or over `groups` of them
+    (`stats.bootstrap_ci`)."""
     out = {"n": len(gold)}
     for name, fn in (("pearson", stats.pearson), ("spearman", stats.spearman)):
         out[name] = _finite_or_none(fn(gold, proxy))
-        out[f"{name}_ci"] = [_finite_or_none(v) for v in
-                             stats.bootstrap_ci(fn, gold, proxy, num_resamples, seed)]
+        out[f"{name}_ci"] = [_finite_or_none(v) for v in stats.bootstrap_ci(
+            fn, gold, proxy, num_resamples, seed, CONFIDENCE, groups)]
     return out
 
 
 def correlations(pairs: list[dict], proxy_field: str, num_resamples: int, seed: int) -> dict:
-    """`correlation_summary` over all pairs and per eval set (over the mixtures)."""
-    def summary(rows):
+    """Proxy (`proxy_field`) vs gold perplexity of the (mixture, eval set) `pairs`:
+
+    - `per_eval_set` (the headline): for each eval set, `correlation_summary` across the
+      mixtures (`n`: the number of mixtures; the bootstrap draws mixtures);
+    - `POOLED`: over all pairs (`n` pairs of `mixtures` x `eval_sets`); its bootstrap draws
+      mixtures and keeps all eval sets of each drawn mixture together, since the pairs of one
+      mixture come from the same gold and proxy models.
+    """
+    def summary(rows, groups=None):
         return correlation_summary([r["gold_ppl"] for r in rows], [r[proxy_field] for r in rows],
-                                   num_resamples, seed)
+                                   num_resamples, seed, groups)
 
     eval_sets = sorted({r["eval_set"] for r in pairs})
-    return {"overall": summary(pairs),
-            "per_eval_set": {e: summary([r for r in pairs if r["eval_set"] == e])
-                             for e in eval_sets}}
+    mixtures = [r["mixture"] for r in pairs]
+    return {"per_eval_set": {e: summary([r for r in pairs if r["eval_set"] == e])
+                             for e in eval_sets},
+            POOLED: {**summary(pairs, mixtures), "mixtures": len(set(mixtures)),
+                     "eval_sets": len(eval_sets)}}
 
 
 def token_cost(num_partitions: int, mixture_sizes: list[int], partition_steps: int,
@@ -331,16 +394,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the experiment in `workdir`; returns the report's numbers."""
     a = config.ablation
     model_pool = a.model_pool or os.path.join(workdir, "model_pool")
-    pools = pool_lib.build_pools(config)
-    train_pool = pools["train"]
-    seed_ids, rest_ids = seed_split(len(train_pool), a.seed_fraction, config.seed)
-    partitions = make_partitions(np.asarray(train_pool.domains), train_pool.domain_names,
-                                 rest_ids, a.partitions, a.domains, config.seed)
+    data = runs.load_data(config)
+    domains_N, domain_names = np.asarray(data.train_pool.domains), data.train_pool.domain_names
+    seed_names, partition_names = domain_roles(a, domain_names)
+    seed_ids, rest_ids = seed_rows(domains_N, domain_names, seed_names, a.seed_fraction,
+                                   config.seed)
+    partitions = make_partitions(domains_N, domain_names, rest_ids, a.partitions,
+                                 partition_names, config.seed)
     mixtures = choose_mixtures(len(partitions), a.max_mixtures, config.seed)
 
-    seed = ensure_model(model_config(config, a.seed_steps), model_pool, "seed", pools, seed_ids)
+    seed = ensure_model(model_config(config, a.seed_steps), model_pool, "seed", data, seed_ids)
     cpt_config = model_config(config, a.partition_steps, seed["dir"])
-    partition_models = [ensure_model(cpt_config, model_pool, f"partition {p.name}", pools,
+    partition_models = [ensure_model(cpt_config, model_pool, f"partition {p.name}", data,
                                      p.ids, seed) for p in partitions]
     gold_models = {}
     for mixture in mixtures:
@@ -348,20 +413,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ids = np.sort(np.concatenate([partitions[i].ids for i in mixture]))
         gold_models[name] = ensure_model(
             model_config(config, len(mixture) * a.partition_steps, seed["dir"]), model_pool,
-            f"gold {name}", pools, ids, seed)
+            f"gold {name}", data, ids, seed)
 
     trainer = train.Trainer(cpt_config)
     partition_dirs = [m["dir"] for m in partition_models]
+    eval_ids = data.roles.rows("eval", data.heldout, config.train.eval_per_domain)
     pairs = []
     for mixture in mixtures:
         name = mixture_name(partitions, mixture)
-        micro, macro = proxy_perplexities(trainer, pools["heldout"], a.eval_batch_size,
-                                          config.train.eval_per_domain, partitions,
-                                          partition_dirs, mixture)
+        micro, macro = proxy_perplexities(trainer, data.heldout, eval_ids, a.eval_batch_size,
+                                          partitions, partition_dirs, mixture)
         gold = gold_models[name]["eval"]
         pairs += [dict(mixture=name, size=len(mixture), eval_set=e, gold_ppl=gold[e],
                        proxy_ppl=micro[e], proxy_macro_ppl=macro[e])
-                  for e in pools["heldout"].domain_names if e in gold]
+                  for e in data.heldout.domain_names if e in gold]
         logging.info("mixture %s: gold %.3f proxy %.3f (all held-out)", name, gold["all"],
                      micro["all"])
 
@@ -379,7 +444,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     for p in partitions},
         mixtures=[mixture_name(partitions, m) for m in mixtures],
         seed_sequences=int(seed_ids.size),
+        seed_domains=seed_names,
+        bootstrap=dict(resamples=a.bootstrap, confidence=CONFIDENCE, unit="mixture"),
         eval_per_domain=config.train.eval_per_domain,
+        splits=data.splits(),
         model_pool=model_pool,
         models=dict(seed=_model_summary(seed),
                     partitions={p.name: _model_summary(m)
@@ -397,34 +465,60 @@ def _model_summary(record: dict) -> dict:
 # Report.
 
 
-def to_markdown(result: dict) -> str:
+_COLUMNS = ["Pearson", f"{CONFIDENCE:.0%} CI", "Spearman", f"{CONFIDENCE:.0%} CI"]
+
+
+def _numbers(c: dict) -> tuple:
     fmt_ci = lambda ci: "n/a" if None in ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"  # noqa: E731
+    return c["pearson"], fmt_ci(c["pearson_ci"]), c["spearman"], fmt_ci(c["spearman_ci"])
 
-    def correlation_table(corr: dict) -> str:
-        rows = [(name, c["n"], c["pearson"], fmt_ci(c["pearson_ci"]), c["spearman"],
-                 fmt_ci(c["spearman_ci"]))
-                for name, c in [("overall", corr["overall"]), *corr["per_eval_set"].items()]]
-        return report.markdown_table(
-            ["eval set", "n", "Pearson", "95% CI", "Spearman", "95% CI"], rows)
 
+def per_eval_set_table(corr: dict) -> str:
+    """The headline: a row per eval set of `correlations(...)["per_eval_set"]`."""
+    rows = [(e, c["n"], *_numbers(c)) for e, c in corr["per_eval_set"].items()]
+    return report.markdown_table(["eval set", "n (mixtures)", *_COLUMNS], rows)
+
+
+def to_markdown(result: dict) -> str:
+    proxies = [("flat average", result["correlation"])]
+    if result["correlation_macro"] is not None:
+        proxies.append(("macro average", result["correlation_macro"]))
     cost = result["cost"]
     models = result["models"]
     model_rows = [("seed", "seed", models["seed"])]
     model_rows += [("partition", n, m) for n, m in models["partitions"].items()]
     model_rows += [("gold", n, m) for n, m in models["gold"].items()]
+    seed_data = (f"the domains {', '.join(result['seed_domains'])}, none of them a partition's"
+                 if result["seed_domains"] else "a seeded share of every domain (a shared seed)")
+    boot = result["bootstrap"]
     parts = [
         "# Data ablations: merged partition models (proxy) vs. models trained on the mixture "
         "(gold)\n",
         f"{len(result['partitions'])} partitions, {len(result['mixtures'])} mixtures, "
-        f"{len(result['pairs'])} (mixture, eval set) pairs; the seed model saw "
-        f"{result['seed_sequences']} sequences. Eval sets: the held-out domains ("
-        f"{_eval_subset(result['eval_per_domain'])}). Model pool: `{result['model_pool']}`.\n",
+        f"{len(result['pairs'])} (mixture, eval set) pairs. The seed model saw "
+        f"{result['seed_sequences']} sequences: {seed_data}. Eval sets: the held-out domains' "
+        f"eval rows ({_eval_subset(result['eval_per_domain'])}). Model pool: "
+        f"`{result['model_pool']}`.\n",
         f"Grouped merge: {result['macro']}.\n",
-        "## Correlation of proxy and gold perplexity\n", correlation_table(result["correlation"]),
+        "## Proxy vs. gold perplexity across mixtures, per eval set\n",
+        "For each eval set, the correlation across the mixtures of the proxy's perplexity (the "
+        "flat average of the mixture's partition models) with the gold model's. "
+        f"{boot['confidence']:.0%} CIs: percentile bootstrap over the mixtures "
+        f"({boot['resamples']} resamples).\n",
+        per_eval_set_table(result["correlation"]),
+        "\n## Pooled over (mixture, eval set) pairs\n",
+        "All (mixture, eval set) pairs in one correlation. The pairs of a mixture share its "
+        "models, so the bootstrap draws mixtures, each with all its eval sets. Pooling mixes "
+        "the spread of perplexity between eval sets into that between mixtures, so it is high "
+        "whenever proxies rank the eval sets right; the per-eval-set table is the test.\n",
+        report.markdown_table(["proxy", "n (pairs)", "mixtures", "eval sets", *_COLUMNS],
+                              [(name, c[POOLED]["n"], c[POOLED]["mixtures"],
+                                c[POOLED]["eval_sets"], *_numbers(c[POOLED]))
+                               for name, c in proxies]),
     ]
     if result["correlation_macro"] is not None:
-        parts += ["\n## Correlation, macro proxy\n",
-                  correlation_table(result["correlation_macro"])]
+        parts += ["\n## Per eval set, macro proxy (average of group averages)\n",
+                  per_eval_set_table(result["correlation_macro"])]
     parts += [
         "\n## Training-token cost\n",
         report.markdown_table(["approach", "tokens", "x modular"], [
@@ -441,6 +535,7 @@ def to_markdown(result: dict) -> str:
         report.markdown_table(["mixture", "eval set", "gold", "proxy", "proxy (macro)"],
                               [(r["mixture"], r["eval_set"], r["gold_ppl"], r["proxy_ppl"],
                                 r["proxy_macro_ppl"]) for r in result["pairs"]]),
+        "\n## Data\n", report.splits_markdown(result["splits"]),
         "\n## Models\n",
         report.markdown_table(["role", "name", "key", "status", "steps", "final loss",
                                "held-out ppl"],
@@ -484,7 +579,8 @@ def plot_proxy_vs_gold(result: dict, path: str) -> None:
 def main(argv):
     del argv
     result = launch.main(validate, run, to_markdown, {"proxy_vs_gold.png": plot_proxy_vs_gold})
-    logging.info("proxy vs gold: %s", json.dumps(result["correlation"]["overall"]))
+    logging.info("proxy vs gold perplexity across mixtures, per eval set:\n%s",
+                 per_eval_set_table(result["correlation"]))
 
 
 if __name__ == "__main__":

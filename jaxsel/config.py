@@ -34,13 +34,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 PRESET_SCALE: dict[str, dict[str, Any]] = {
     "tiny": dict(seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30,
-                 eval_per_domain=64, max_docs=300, downstream_items=24),
+                 eval_per_domain=64, max_docs=300, downstream_items=24, target_items=32, item_len=0,
+                 heldout_fraction=0.1),
+    # 1024 target items from `small` up, as MATES' LAMBADA reference set.
     "small": dict(seq_len=1024, batch_size=256, steps=20_000, lr=6e-4, warmup_steps=1000,
-                  eval_per_domain=0, max_docs=0, downstream_items=1000),
+                  eval_per_domain=0, max_docs=0, downstream_items=1000, target_items=1024,
+                  item_len=128, heldout_fraction=0.05),
     "410m": dict(seq_len=1024, batch_size=512, steps=50_000, lr=3e-4, warmup_steps=2000,
-                 eval_per_domain=0, max_docs=0, downstream_items=1000),
+                 eval_per_domain=0, max_docs=0, downstream_items=1000, target_items=1024,
+                 item_len=128, heldout_fraction=0.05),
     "1b": dict(seq_len=1024, batch_size=512, steps=100_000, lr=2e-4, warmup_steps=2000,
-               eval_per_domain=0, max_docs=0, downstream_items=1000),
+               eval_per_domain=0, max_docs=0, downstream_items=1000, target_items=1024,
+               item_len=128, heldout_fraction=0.05),
 }
 
 SOURCES = ("jsonl", "parquet", "text", "tfds", "local", "synthetic")
@@ -117,8 +122,17 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.data.tfds_split = "train"
     c.data.tfds_data_dir = ""
     c.data.max_docs = scale["max_docs"]  # Per domain; 0 = all.
-    c.data.heldout_fraction = 0.05
+    # tiny: 0.1, so the local corpus' small domains hold out documents for every role.
+    c.data.heldout_fraction = scale["heldout_fraction"]
+    # Held-out documents are dealt into this many groups, each packed on its own; the held-out
+    # roles (`roles`) are unions of groups, so they never share a document.
+    c.data.heldout_groups = 20
     c.data.seq_len = scale["seq_len"]
+    # concat: documents back to back (no padding; a row may hold parts of several documents);
+    # document: each document starts a row (its last row is padded), so a row holds one
+    # document unless the document is longer than a row, as document-level methods
+    # (near-duplicate removal) assume.
+    c.data.packing = "concat"
     c.data.tokenizer = ""  # Path to a tokenizer.json; empty -> train a BPE on the train split.
     c.data.cache_dir = ""  # Empty -> $JAXSEL_CACHE or ~/.cache/jaxsel.
     c.data.synthetic_docs_per_domain = 200
@@ -134,7 +148,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict(dict(
         schedule="cosine", lr=scale["lr"], warmup_steps=scale["warmup_steps"],
-        decay_fraction=0.2,  # wsd: fraction of steps spent decaying.
+        decay_steps=0,  # wsd: the last decay_steps of train.steps decay linearly to min_lr.
         min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -143,15 +157,26 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         stop_at=0,  # Stop after this step (0: train.steps); the schedule spans train.steps.
         eval_per_domain=scale["eval_per_domain"]))  # Held-out sequences per domain; 0 = all.
 
+    # The held-out roles (`jaxsel.roles`): `target_domain` ("": none, every held-out row is
+    # eval) is split by documents into `target` (what target-aware selectors may see; the
+    # first `target_items` of its rows are the cloze items they aim at), `target_eval`
+    # (`target_eval_items` cloze items that rank the arms out of sample) and `eval` (perplexity
+    # and the zero-shot suite, with every row of the other domains), by `seed`. A cloze item is
+    # the `item_len` tokens that end with its row's last word (0: the whole row; from `small`
+    # up 128, about a LAMBADA passage, so that probing each candidate on 1024 items stays cheap).
+    c.roles = ml_collections.ConfigDict(dict(
+        target_domain="", target_fraction=0.4, target_eval_fraction=0.3, seed=0,
+        target_items=scale["target_items"], target_eval_items=scale["target_items"],
+        item_len=scale["item_len"]))
+
     # The zero-shot tasks every trained model is evaluated on (`jaxsel.downstream`): per held-out
-    # domain (`domains`: comma-separated; empty = all) after its first `skip_rows` rows (where
-    # reference sets come from), `num_items` cloze items and a continuation task with `choices`
-    # choices of `continuation_len` tokens after `context_len` (by default a quarter and an
-    # eighth of data.seq_len, following it); `files`: comma-separated jsonl files of
-    # multiple-choice items. `num_items=0` turns the domain tasks off.
+    # domain (`domains`: comma-separated; empty = all), on its `eval` rows, `num_items` cloze items
+    # and a continuation task with `choices` choices of `continuation_len` tokens after
+    # `context_len` (by default a quarter and an eighth of data.seq_len, following it); `files`:
+    # comma-separated jsonl files of multiple-choice items. `num_items=0` turns the domain tasks
+    # off.
     c.downstream = ml_collections.ConfigDict(dict(
-        domains="", num_items=scale["downstream_items"], skip_rows=32, choices=4, files="",
-        batch_size=64))
+        domains="", num_items=scale["downstream_items"], choices=4, files="", batch_size=64))
     c.downstream.context_len = c.data.get_ref("seq_len") // 4
     c.downstream.continuation_len = c.data.get_ref("seq_len") // 8
     return c
@@ -223,7 +248,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            "required for data.source='tfds'")
     check(0.0 < d.heldout_fraction < 1.0, "data.heldout_fraction",
            f"must be in (0, 1), got {d.heldout_fraction}")
+    check(d.heldout_groups >= 3, "data.heldout_groups",
+          f"must be >= 3 (one group per held-out role at least), got {d.heldout_groups}")
     check(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
+    check(d.packing in ("concat", "document"), "data.packing",
+          f"{d.packing!r} is not one of concat, document")
     check(d.seq_len <= m.max_seq_len, "data.seq_len",
            f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     for key in ("d_model", "num_layers", "num_heads", "mlp_dim", "vocab_size"):
@@ -240,10 +269,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"{o.schedule!r} is not one of cosine, wsd, constant")
     check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
     check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     check(o.clip >= 0, "optim.clip", f"must be >= 0 (0 disables), got {o.clip}")
     check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    check(0 <= o.decay_steps <= t.steps, "optim.decay_steps",
+          f"must be in [0, train.steps={t.steps}], got {o.decay_steps}")
+    check(o.schedule != "wsd" or o.decay_steps >= 1, "optim.decay_steps",
+          "must be >= 1 with optim.schedule='wsd' (its decay phase)")
     check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     check(0 <= t.stop_at <= t.steps, "train.stop_at",
           f"must be in [0, train.steps={t.steps}] (0: train.steps), got {t.stop_at}")
@@ -251,6 +283,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")
     check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+    _validate_roles(config.roles)
     _validate_downstream(config)
     shape = mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
@@ -261,10 +294,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"{shape['tensor']} does not divide model.num_heads={m.num_heads}")
 
 
+def _validate_roles(r: ml_collections.ConfigDict) -> None:
+    for key in ("target_fraction", "target_eval_fraction"):
+        check(0.0 < r[key] < 1.0, f"roles.{key}", f"must be in (0, 1), got {r[key]}")
+    check(r.target_fraction + r.target_eval_fraction < 1.0, "roles.target_eval_fraction",
+          f"roles.target_fraction + roles.target_eval_fraction = "
+          f"{r.target_fraction + r.target_eval_fraction} leaves no eval documents; keep it < 1")
+    for key in ("target_items", "target_eval_items"):
+        check(r[key] >= 1, f"roles.{key}", f"must be >= 1, got {r[key]}")
+    check(r.item_len == 0 or r.item_len >= 2, "roles.item_len",
+          f"must be 0 (whole rows) or >= 2, got {r.item_len}")
+
+
+def require_target(config: ml_collections.ConfigDict) -> None:
+    """Refuses a run that aims at a target without naming its domain."""
+    check(bool(config.roles.target_domain), "roles.target_domain",
+          "names no domain; this experiment aims at a target: name a held-out domain (e.g. "
+          "'reference' on the local corpus)")
+
+
 def _validate_downstream(config: ml_collections.ConfigDict) -> None:
     d = config.downstream
-    for key in ("num_items", "skip_rows"):
-        check(d[key] >= 0, f"downstream.{key}", f"must be >= 0, got {d[key]}")
+    check(d.num_items >= 0, "downstream.num_items", f"must be >= 0, got {d.num_items}")
     check(d.choices >= 2, "downstream.choices", f"must be >= 2, got {d.choices}")
     check(d.num_items == 0 or d.num_items >= d.choices, "downstream.num_items",
           f"{d.num_items} is fewer than downstream.choices={d.choices} (distractors are other "
@@ -276,14 +327,3 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
           f"context_len + continuation_len = {width} exceeds data.seq_len={config.data.seq_len}")
     for path in split_list(d.files):
         check(os.path.isfile(path), "downstream.files", f"{path} is not a file")
-
-
-def check_reference_apart(config: ml_collections.ConfigDict, section: str) -> None:
-    """Refuses a reference set (`<section>.reference_domain` / `reference_items`, drawn from the
-    first held-out rows of its domain) that the zero-shot tasks would also evaluate."""
-    s, d = config[section], config.downstream
-    domains = split_list(d.domains)
-    if d.num_items and (not domains or s.reference_domain in domains):
-        check(s.reference_items <= d.skip_rows, "downstream.skip_rows",
-              f"{d.skip_rows} is fewer than {section}.reference_items={s.reference_items}: the "
-              f"zero-shot tasks of {s.reference_domain!r} would evaluate reference items")

@@ -1,8 +1,7 @@
 """The zero-shot suite every trained model is evaluated on (`config.downstream`), no download.
 
-For each held-out domain (all, or those named in `downstream.domains`), from its rows after the
-first `downstream.skip_rows` (reference sets such as MATES' cloze items are drawn from the first
-rows, so no evaluated item is one a selector aimed at):
+For each held-out domain (all, or those named in `downstream.domains`), from its `eval` rows
+(`jaxsel.roles`: never a row a selector aimed at or arms are ranked on):
 
 - `cloze/<domain>`: LAMBADA-style items (`probe.cloze_from_pool`, `downstream.num_items` rows),
   scored by `evaluate.cloze_accuracy`: the greedy prediction of each row's last word;
@@ -40,22 +39,24 @@ class Suite:
     skipped: dict[str, str]
 
 
-def build(config: ml_collections.ConfigDict, heldout) -> Suite:
-    """The suite of `config.downstream` on the held-out pool `heldout`."""
+def build(config: ml_collections.ConfigDict, heldout, eval_ids) -> Suite:
+    """The suite of `config.downstream` on rows `eval_ids` of the held-out pool `heldout` (the
+    run's `eval` role)."""
     d = config.downstream
     domains = config_lib.split_list(d.domains) or list(heldout.domain_names)
     unknown = sorted(set(domains) - set(heldout.domain_names))
     config_lib.check(not unknown, "downstream.domains",
                      f"{unknown} are not domains of the held-out pool {heldout.domain_names}")
+    eval_ids = np.asarray(eval_ids, np.int64)
+    eval_domains = np.asarray(heldout.domains)[eval_ids]
     suite, skipped = {}, {}
     seed = config_lib.stream_seed(config.seed, _SUITE)
     for domain in domains if d.num_items else []:
+        ids = eval_ids[eval_domains == heldout.domain_names.index(domain)]
         builders = {
-            f"cloze/{domain}": lambda domain=domain: probe.cloze_from_pool(
-                heldout, domain, d.num_items, d.skip_rows),
-            f"continuation/{domain}": lambda domain=domain: tasks.continuation_task(
-                heldout, domain, d.num_items, d.choices, d.context_len, d.continuation_len, seed,
-                d.skip_rows)}
+            f"cloze/{domain}": lambda ids=ids: probe.cloze_from_pool(heldout, ids, d.num_items),
+            f"continuation/{domain}": lambda ids=ids: tasks.continuation_task(
+                heldout, ids, d.num_items, d.choices, d.context_len, d.continuation_len, seed)}
         for name, make in builders.items():
             try:
                 suite[name] = make()

@@ -176,10 +176,10 @@ def decode_sequences(
     return [separator.join(texts[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _fingerprint(encoder: encoder_lib.Encoder, tokens_NxL, segments_NxL) -> str:
+def _fingerprint(encoder: encoder_lib.Encoder, tokens_NxL, segments_NxL, max_tokens: int) -> str:
     digest = hashlib.sha256()
     digest.update((encoder.folder / "tokenizer.json").read_bytes())
-    digest.update(f"{encoder.max_length}|{tokens_NxL.shape}".encode())
+    digest.update(f"{max_tokens}|{tokens_NxL.shape}".encode())
     digest.update(np.ascontiguousarray(tokens_NxL).tobytes())
     digest.update(np.ascontiguousarray(segments_NxL).tobytes())
     return digest.hexdigest()
@@ -193,31 +193,34 @@ def encoder_inputs(
     cache_path: str | pathlib.Path | None = None,
     chunk_size: int = 8192,
     progress: bool = True,
+    max_tokens: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pool sequences decoded to text and re-tokenised for the encoder ->
-    `(ids_NxM int32, lengths_N int32)`, `M = encoder.max_length` (explicit truncation), done
-    `chunk_size` sequences at a time so the texts of only one chunk are held in memory.
+    `(ids_NxM int32, lengths_N int32)`, `M = max_tokens` (default `encoder.max_length`; explicit
+    truncation, `encoder_lib.tokenize`), done `chunk_size` sequences at a time so the texts of
+    only one chunk are held in memory.
 
     With `cache_path` (an `.npz`), the result is saved there (by process 0) and reused while the
-    pool tokens, the encoder's tokenizer and `max_length` are unchanged (a fingerprint of all
-    three is stored).
+    pool tokens, the encoder's tokenizer and `M` are unchanged (a fingerprint of all three is
+    stored).
     """
     tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
-    fingerprint = _fingerprint(encoder, tokens_NxL, segments_NxL)
+    max_tokens = encoder.max_length if max_tokens is None else max_tokens
+    fingerprint = _fingerprint(encoder, tokens_NxL, segments_NxL, max_tokens)
     cache_path = pathlib.Path(cache_path) if cache_path is not None else None
     if cache_path is not None and cache_path.exists():
         with np.load(cache_path) as cached:
             if str(cached["fingerprint"]) == fingerprint:
                 return cached["ids"], cached["lengths"]
     n = len(tokens_NxL)
-    ids_NxM = np.empty((n, encoder.max_length), np.int32)
+    ids_NxM = np.empty((n, max_tokens), np.int32)
     lengths_N = np.empty(n, np.int32)
     with tqdm.tqdm(total=n, desc="decode + encoder tokenize", unit="seq",
                    disable=not progress) as bar:
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             texts = decode_sequences(tokens_NxL[rows], segments_NxL[rows], lm_tokenizer)
-            ids_NxM[rows], lengths_N[rows] = encoder_lib.tokenize(encoder, texts)
+            ids_NxM[rows], lengths_N[rows] = encoder_lib.tokenize(encoder, texts, max_tokens)
             bar.update(len(texts))
     if cache_path is not None and jax.process_index() == 0:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,11 +54,10 @@ def sequence_loss_sums(trainer, params, pool, ids: np.ndarray, batch_size: int,
     return out
 
 
-def perplexity_by_domain(trainer, params, pool, batch_size: int, max_per_domain: int = 0
-                         ) -> dict[str, float]:
-    """Token-weighted perplexity of each domain of `pool` and of all of it (`"all"`)."""
-    ids = np.concatenate([_first(pool.ids_of_domain(d), max_per_domain)
-                          for d in pool.domain_names])
+def perplexity_by_domain(trainer, params, pool, ids, batch_size: int) -> dict[str, float]:
+    """Token-weighted perplexity of rows `ids` of `pool` (e.g. a held-out role's), per domain
+    and over all of them (`"all"`)."""
+    ids = np.asarray(ids, np.int64)
     sums = sequence_loss_sums(trainer, params, pool, ids, batch_size)
     domains = np.asarray(pool.domains)[ids]
     result = {}
@@ -68,10 +67,6 @@ def perplexity_by_domain(trainer, params, pool, batch_size: int, max_per_domain:
             result[name] = float(np.exp(mine[:, 0].sum() / mine[:, 1].sum()))
     result["all"] = float(np.exp(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0)))
     return result
-
-
-def _first(ids: np.ndarray, n: int) -> np.ndarray:
-    return ids if n <= 0 else ids[:n]
 
 
 def cloze_accuracy(trainer, params, items, batch_size: int, per_item: bool = False,

@@ -50,19 +50,25 @@ Batch = dict[str, Array]
 class InfluenceRegressor(nn.Module):
     """`(ids_BxL, mask_BxL)` -> predicted (z-scored) influence `[B]` float32.
 
-    `BertEncoder` (parameters under "encoder"), pooled over the real tokens of `mask_BxL` with
-    `pooling_mode` ("mean" or "cls", never L2-normalised), dropout at the encoder's hidden rate,
-    then a `Dense(1)` head (parameters under "head"). Dropout is active only with
-    `deterministic=False` and a "dropout" rng.
+    `BertEncoder` (parameters under "encoder") reads the input in windows of `window` tokens
+    (positions restart in each; one window when `L <= window`), as MATES' regressor reads 1024
+    tokens as two windows of 512; the hidden states of all windows are pooled over the real
+    tokens of `mask_BxL` with `pooling_mode` ("mean" or "cls": the first window's first token;
+    never L2-normalised), dropout at the encoder's hidden rate, then a `Dense(1)` head
+    (parameters under "head"). Dropout is active only with `deterministic=False` and a "dropout"
+    rng.
     """
 
     config: encoder_lib.EncoderConfig
     pooling_mode: str = "mean"
+    window: int = 512
 
     @nn.compact
     def __call__(self, ids_BxL, mask_BxL, deterministic: bool = True) -> Array:
-        hidden_BxLxD = encoder_lib.BertEncoder(self.config, name="encoder")(
-            ids_BxL, mask_BxL, deterministic)
+        encoder = encoder_lib.BertEncoder(self.config, name="encoder")
+        hidden_BxLxD = jnp.concatenate([
+            encoder(ids_BxL[:, start:start + self.window], mask_BxL[:, start:start + self.window],
+                    deterministic) for start in range(0, ids_BxL.shape[1], self.window)], axis=1)
         pooled_BxD = encoder_lib.pool(hidden_BxLxD, mask_BxL,
                                       encoder_lib.Pooling(self.pooling_mode, normalize=False))
         pooled_BxD = nn.Dropout(self.config.hidden_dropout)(pooled_BxD,
@@ -72,8 +78,9 @@ class InfluenceRegressor(nn.Module):
 
 
 def make_module(encoder: encoder_lib.Encoder) -> InfluenceRegressor:
-    """The regressor of `encoder`'s architecture, pooling as the encoder does (mean or CLS)."""
-    return InfluenceRegressor(encoder.config, encoder.pooling.mode)
+    """The regressor of `encoder`'s architecture, pooling as the encoder does (mean or CLS), in
+    windows of the encoder's `max_length`."""
+    return InfluenceRegressor(encoder.config, encoder.pooling.mode, encoder.max_length)
 
 
 def init_params(encoder: encoder_lib.Encoder, seed: int) -> dict:
@@ -392,11 +399,10 @@ def _check_tokens(encoder: encoder_lib.Encoder, ids_NxM, lengths_N
     if lengths_N.shape != ids_NxM.shape[:1] or not np.issubdtype(lengths_N.dtype, np.integer):
         raise ValueError(f"lengths_N must be [N] integers with N={len(ids_NxM)} as ids_NxM, got "
                          f"shape {lengths_N.shape} and dtype {lengths_N.dtype}")
-    limit = min(ids_NxM.shape[1], encoder.config.max_position_embeddings)
-    bad = np.flatnonzero((lengths_N < 1) | (lengths_N > limit))
+    bad = np.flatnonzero((lengths_N < 1) | (lengths_N > ids_NxM.shape[1]))
     if bad.size:
-        raise ValueError(f"lengths_N must lie in [1, {limit}] (M and the encoder's "
-                         f"max_position_embeddings), e.g. row {bad[0]} has {lengths_N[bad[0]]}")
+        raise ValueError(f"lengths_N must lie in [1, M={ids_NxM.shape[1]}], e.g. row {bad[0]} "
+                         f"has {lengths_N[bad[0]]}")
     if ids_NxM.min() < 0 or ids_NxM.max() >= encoder.config.vocab_size:
         raise ValueError(f"ids_NxM: token ids (padding included) must lie in [0, vocab_size="
                          f"{encoder.config.vocab_size})")

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from jaxsel import evaluate, loss, sharding
 from jaxsel.data import tokenizer as tokenizer_lib
+from jaxsel.model.transformer import matmul_flops_per_token
 
 Array = jax.Array
 PROJECTION_KINDS = ("rademacher", "gaussian")
@@ -98,7 +99,7 @@ def reference_from_rows(rows: Mapping[str, np.ndarray]) -> Reference:
     return Reference.from_weights(tokens, segments, np.ones(tokens.shape, np.float32))
 
 
-def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer) -> Reference:
+def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer, max_len: int = 0) -> Reference:
     """LAMBADA-style cloze items: in each row only the tokens of its last whole word count.
 
     The target of a row is the last word that is followed, inside the row and the same document,
@@ -106,38 +107,49 @@ def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer) -> Reference:
     token), so a word cut by the end of the row is never a target; the preceding tokens of its
     document are the context. A word starts at a token that begins with whitespace, as byte-level
     BPE tokenizes; that whitespace belongs to the target, as in LAMBADA's context / continuation
-    split. Rows without such a word after at least one context token are dropped; if none is
-    left, a ValueError names `rows`.
+    split. With `max_len` (0: the whole row), each item keeps only the `max_len` tokens that end
+    with its target (right-padded with segment 0 when shorter), as LAMBADA's passages are short:
+    the context is what comes before the target inside that window. Rows without such a word
+    after at least one context token are dropped; if none is left, a ValueError names `rows`.
     """
     tokens, segments = _check_rows(rows, "rows")
     tokens, segments = np.asarray(tokens), np.asarray(segments)
-    weights = np.zeros(tokens.shape, np.float32)
-    keep = []
+    if max_len < 0 or max_len == 1:
+        raise ValueError(f"max_len must be 0 (whole rows) or >= 2, got {max_len}")
+    width = tokens.shape[1] if max_len == 0 else min(max_len, tokens.shape[1])
+    items = {"tokens": [], "segments": [], "weights": []}
     for r in range(tokens.shape[0]):
         pieces = tokenizer.decode_batch([[int(t)] for t in tokens[r]])
         span = _last_word_span(pieces, segments[r])
-        if span is not None:
-            start, end = span
-            weights[r, start - 1:end] = 1.0  # Position t predicts token t + 1.
-            keep.append(r)
-    if not keep:
+        if span is None:
+            continue
+        start, end = span
+        first = max(0, end + 1 - width)
+        if first >= start:  # No context left in the window.
+            continue
+        weights = np.zeros(tokens.shape[1], np.float32)
+        weights[start - 1:end] = 1.0  # Position t predicts token t + 1.
+        window = slice(first, first + width)
+        for name, row in (("tokens", tokens[r]), ("segments", segments[r]),
+                          ("weights", weights)):
+            items[name].append(np.pad(row[window], (0, width - len(row[window]))))
+    if not items["tokens"]:
         raise ValueError(f"rows: none of the {tokens.shape[0]} rows has a whole last word after "
                          "some context")
-    return Reference.from_weights(tokens[keep], segments[keep], weights[keep])
+    return Reference.from_weights(*(np.stack(items[k]) for k in ("tokens", "segments",
+                                                                  "weights")))
 
 
-def cloze_from_pool(pool, domain: str, max_items: int, skip_rows: int = 0) -> Reference:
-    """Cloze items (`cloze_reference`) from the first `max_items` rows of `domain` in `pool`
-    after its first `skip_rows` (e.g. another set's items), decoded with the pool's own
-    tokenizer, e.g. the held-out prose of the local corpus."""
-    if max_items < 1 or skip_rows < 0:
-        raise ValueError(f"max_items must be >= 1 and skip_rows >= 0, got {max_items} and "
-                         f"{skip_rows}")
+def cloze_from_pool(pool, ids, max_items: int, max_len: int = 0) -> Reference:
+    """Cloze items (`cloze_reference`, at most `max_len` tokens each) from the first `max_items`
+    of rows `ids` of `pool` (e.g. a held-out role's rows, `roles.Roles.rows`), decoded with the
+    pool's own tokenizer."""
+    ids = np.asarray(ids, np.int64)[:max_items]
+    if max_items < 1 or not ids.size:
+        raise ValueError(f"cloze items need max_items >= 1 and some rows, got {max_items} and "
+                         f"{ids.size} rows")
     tokenizer = tokenizer_lib.load_tokenizer(pool.tokenizer_path)
-    ids = pool.ids_of_domain(domain)[skip_rows:skip_rows + max_items]
-    if not ids.size:
-        raise ValueError(f"domain {domain!r} has no rows after its first {skip_rows}")
-    return cloze_reference(pool.rows(ids), tokenizer)
+    return cloze_reference(pool.rows(ids), tokenizer, max_len)
 
 
 def _last_word_span(pieces: Sequence[str], segments_L: np.ndarray) -> tuple[int, int] | None:
@@ -336,6 +348,16 @@ def chunk_grad_features(params, batch: loss.Batch, projection: GradProjection, *
 
 # ------------------------------------------------------------------------------------------------
 # Driving a pool through the jitted functions.
+
+
+def oracle_matmul_flops(cfg, seq_len: int, reference: Reference) -> int:
+    """Matmul FLOPs of one exact probe: a train step on `seq_len` tokens (forward + backward, 3x
+    the forward) and the reference forward with the LM head at its target positions only."""
+    head = 2 * cfg.d_model * cfg.vocab_size
+    rows, length = reference.tokens_RxL.shape
+    blocks = (matmul_flops_per_token(cfg, length) - head) * rows * length
+    return 3 * matmul_flops_per_token(cfg, seq_len) * seq_len + blocks + head * int(
+        np.asarray(reference.positions_RxK).size)
 
 
 class Prober:

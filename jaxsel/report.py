@@ -131,3 +131,38 @@ def finish(workdir: str, report: dict, markdown: str) -> None:
     """Writes report.md, then report.json last: its presence marks the run as finished."""
     write_text(os.path.join(workdir, "report.md"), markdown)
     write_json(os.path.join(workdir, "report.json"), report)
+
+
+def downstream_table(by_model: dict[str, dict]) -> str:
+    """One markdown table of `downstream` results (`jaxsel.downstream.run`): a row per task, a
+    column per model (e.g. per arm)."""
+    first = next(iter(by_model.values()))
+    rows = [(f"average {kind}", *(r["average"].get(kind, float("nan")) for r in by_model.values()))
+            for kind in first["average"]]
+    for name, numbers in first["tasks"].items():
+        field = "accuracy" if name.startswith("cloze/") else "acc"
+        rows.append((f"{name} ({numbers['items']} items)",
+                     *(r["tasks"][name][field] for r in by_model.values())))
+    skipped = "".join(f"\n- {name}: {why}" for name, why in first["skipped"].items())
+    return (markdown_table(["task (accuracy)", *by_model], rows)
+            + (f"\nLeft out:{skipped}\n" if skipped else ""))
+
+
+def splits_markdown(splits: dict) -> str:
+    """The data a run used (`jaxsel.roles.splits`): documents and rows per part and domain, and
+    the documents found in two parts (must be 0)."""
+    parts = ["train", "target", "target_eval", "eval"]
+    domains = sorted({d for p in parts for d in splits[p]["domains"]})
+    rows = [(d, *(_count(splits[p]["domains"].get(d)) for p in parts)) for d in domains]
+    rows.append(("all", *(_count(splits[p]) for p in parts)))
+    target = splits["target_domain"] or "none (every held-out row is eval)"
+    items = ", ".join(f"{k} {v}" for k, v in splits.get("items", {}).items())
+    return (f"Target domain: {target}. Documents / rows per part; a document is in one part "
+            f"only (overlap: {splits['overlap_documents']} documents)."
+            + (f" Cloze items: {items}." if items else "") + "\n\n"
+            + markdown_table(["domain", *parts], rows))
+
+
+def _count(part: dict | None) -> str:
+    return "-" if part is None else f"{part['documents']} / {part['rows']}"
+

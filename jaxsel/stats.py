@@ -4,9 +4,12 @@
   which corrects for ties in either variable) take two equally long 1-D sequences of finite
   numbers and return a float in [-1, 1], or NaN where the correlation is undefined (a constant
   input, as scipy.stats does).
-- `bootstrap_ci(fn, x, y, ...)`: the percentile bootstrap over (x_i, y_i) pairs of any of them.
-- `variance_reduction(values, cluster_ids)` and `purity(labels, cluster_ids)`: how well a
-  clustering explains a per-point value or label (Sam et al., 2025).
+- `bootstrap_ci(fn, x, y, ...)`: the percentile bootstrap over (x_i, y_i) pairs of any of them,
+  or over groups of pairs (a cluster bootstrap, for pairs that are not independent).
+- `variance_reduction_pooled` / `variance_reduction_unweighted(values, cluster_ids)` (the
+  size-weighted and the plain mean of the within-cluster variances over the total variance) and
+  `purity(labels, cluster_ids)`: how well a clustering explains a per-point value or label
+  (Sam et al., 2025).
 - `mean_interval(values)`: the mean of independent runs (e.g. seeds) with its Student-t interval.
 
 Bad input (other lengths, too few points, non-finite numbers, impossible options) raises a
@@ -69,13 +72,17 @@ def average_ranks(values) -> np.ndarray:
 
 
 def bootstrap_ci(fn: Correlation, x, y, num_resamples: int, seed: int,
-                 confidence: float = 0.95) -> tuple[float, float]:
+                 confidence: float = 0.95, groups=None) -> tuple[float, float]:
     """The percentile bootstrap confidence interval of `fn(x, y)` over (x_i, y_i) pairs.
 
     Draws `num_resamples` samples of N pairs with replacement (seeded by `seed`), evaluates `fn`
     on each and returns the `(1 - confidence) / 2` and `(1 + confidence) / 2` quantiles of the
-    results. Resamples where `fn` is undefined (NaN, e.g. all draws of one point) are left out;
-    if all are, the interval is (NaN, NaN).
+    results. With `groups` (one label per pair) the unit drawn is a group (a cluster bootstrap,
+    for pairs of one group that are not independent, e.g. all eval sets of one mixture): each
+    resample draws G of the G groups with replacement (index g: the group of the g-th smallest
+    label) and takes all pairs of each drawn group. Distinct labels draw exactly as pairs do, so
+    `groups=range(N)` gives the pair bootstrap's interval. Resamples where `fn` is undefined
+    (NaN, e.g. all draws of one point) are left out; if all are, the interval is (NaN, NaN).
     """
     x_N, y_N = _paired(x, y)
     if num_resamples < 1:
@@ -83,8 +90,13 @@ def bootstrap_ci(fn: Correlation, x, y, num_resamples: int, seed: int,
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
-    index_RxN = rng.integers(0, len(x_N), size=(num_resamples, len(x_N)))
-    values_R = np.array([fn(x_N[i], y_N[i]) for i in index_RxN], np.float64)
+    if groups is None:
+        resamples = rng.integers(0, len(x_N), size=(num_resamples, len(x_N)))
+    else:
+        members = _group_members(groups, len(x_N))
+        draws_RxG = rng.integers(0, len(members), size=(num_resamples, len(members)))
+        resamples = [np.concatenate([members[g] for g in draw_G]) for draw_G in draws_RxG]
+    values_R = np.array([fn(x_N[i], y_N[i]) for i in resamples], np.float64)
     values_R = values_R[~np.isnan(values_R)]
     if values_R.size == 0:
         return float("nan"), float("nan")
@@ -92,28 +104,59 @@ def bootstrap_ci(fn: Correlation, x, y, num_resamples: int, seed: int,
     return float(low), float(high)
 
 
-def variance_reduction(values, cluster_ids) -> float:
-    """`1 - within-cluster variance / total variance` of `values` ([N] or [N, D] vectors).
+def _group_members(groups, n: int) -> list[np.ndarray]:
+    """The indices of each group's members (ascending), groups in the order of their labels'
+    sorted values: `_group_members(["b", "a", "b"], 3)` -> [[1], [0, 2]]."""
+    _, inverse = np.unique(_labels(groups, n, "groups"), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
 
-    The total variance is the mean squared distance of the points to the overall mean; the
-    within-cluster variance is the mean squared distance of each point to its cluster's mean.
-    1 means the clusters explain all the variance, 0 none of it.
+
+def variance_reduction_pooled(values, cluster_ids) -> float:
+    """The size-weighted (pooled) variance reduction of `values` ([N] or [N, D] vectors):
+
+        1 - sum_c SS_c / SS,   SS_c = sum_{i in c} |x_i - mean_c|^2,   SS = sum_i |x_i - mean|^2,
+
+    i.e. `1 - sum_c (n_c / N) var_c / var` (each cluster's variance weighted by its size; the
+    share of the total sum of squares the clusters explain, as in an ANOVA). 1 means the clusters
+    explain all the variance, 0 none of it; never negative.
     """
+    ss_C, _, total_ss, _ = _sums_of_squares(values, cluster_ids)
+    return float(1.0 - ss_C.sum() / total_ss)
+
+
+def variance_reduction_unweighted(values, cluster_ids) -> float:
+    """The unweighted variance reduction of `values` ([N] or [N, D] vectors):
+
+        1 - ((1 / C) sum_c var_c) / var,   var_c = SS_c / n_c,   var = SS / N,
+
+    the plain mean of the C per-cluster variances (ddof 0; `SS_c`, `SS` as in
+    `variance_reduction_pooled`) over the total variance: every cluster counts once, whatever
+    its size. A singleton cluster has variance 0 (ddof 0) and counts as one of the C clusters,
+    so it pulls the mean down. Equal to the pooled form when all clusters have one size; unlike
+    it, it can be negative (small clusters more spread out than the whole).
+    """
+    ss_C, counts_C, total_ss, n = _sums_of_squares(values, cluster_ids)
+    return float(1.0 - np.mean(ss_C / counts_C) / (total_ss / n))
+
+
+def _sums_of_squares(values, cluster_ids) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """`(SS_C, n_C, SS, N)`: each cluster's sum of squared distances to its mean and its size
+    (clusters in the order of their sorted labels), the total sum of squares and N."""
     values_NxD = np.asarray(values, np.float64)
     if values_NxD.ndim not in (1, 2):
         raise ValueError(f"values must be [N] or [N, D], got shape {values_NxD.shape}")
     values_NxD = values_NxD.reshape(len(values_NxD), -1)
     _check_finite(values_NxD, "values")
     clusters_N = _labels(cluster_ids, len(values_NxD), "cluster_ids")
-    total = np.sum((values_NxD - values_NxD.mean(axis=0)) ** 2)
+    total = float(np.sum((values_NxD - values_NxD.mean(axis=0)) ** 2))
     if total == 0:
         raise ValueError("values: all points are equal, so the variance reduction is undefined")
-    _, inverse, counts = np.unique(clusters_N, return_inverse=True, return_counts=True)
-    sums_CxD = np.zeros((len(counts), values_NxD.shape[1]))
+    _, inverse, counts_C = np.unique(clusters_N, return_inverse=True, return_counts=True)
+    sums_CxD = np.zeros((len(counts_C), values_NxD.shape[1]))
     np.add.at(sums_CxD, inverse, values_NxD)
-    means_NxD = (sums_CxD / counts[:, None])[inverse]
-    within = np.sum((values_NxD - means_NxD) ** 2)
-    return float(1.0 - within / total)
+    deviations_N = np.sum((values_NxD - (sums_CxD / counts_C[:, None])[inverse]) ** 2, axis=1)
+    return np.bincount(inverse, deviations_N, len(counts_C)), counts_C, total, len(values_NxD)
 
 
 def purity(labels, cluster_ids) -> float:

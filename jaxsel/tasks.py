@@ -160,25 +160,24 @@ def multiple_choice_from_tokens(items: Iterable[Item], seq_len: int,
     return _pack(encoded, seq_len, skipped)
 
 
-def continuation_task(pool, domain: str, num_items: int, num_choices: int, context_len: int,
-                      continuation_len: int, seed: int, skip_rows: int = 0) -> MultipleChoice:
-    """A HellaSwag-like task made from a pool (pass the held-out split), with no download.
+def continuation_task(pool, ids, num_items: int, num_choices: int, context_len: int,
+                      continuation_len: int, seed: int) -> MultipleChoice:
+    """A HellaSwag-like task made from rows `ids` of a pool (e.g. a held-out domain's eval rows),
+    with no download.
 
     A row's window is the first `context_len + continuation_len` tokens of the first document in
-    it that has that many tokens in the row. The windows of the first `num_items` rows of
-    `domain` that have one, after its first `skip_rows` rows (e.g. another set's items), are the
-    items: the context is the window's first `context_len` tokens, the correct choice its next
-    `continuation_len` tokens, and the `num_choices - 1` distractors other items' continuations,
-    drawn with `seed` among those that differ from the correct one and from each other; the
-    correct choice's index is drawn with `seed` too. Rows are `context_len + continuation_len`
-    tokens, one document each; acc_norm equals acc (all choices have `continuation_len` tokens).
-    Items without enough distinct distractors are skipped and counted
-    (`too_few_distinct_continuations`).
+    it that has that many tokens in the row. The windows of the first `num_items` rows of `ids`
+    that have one are the items: the context is the window's first `context_len` tokens, the
+    correct choice its next `continuation_len` tokens, and the `num_choices - 1` distractors
+    other items' continuations, drawn with `seed` among those that differ from the correct one
+    and from each other; the correct choice's index is drawn with `seed` too. Rows are
+    `context_len + continuation_len` tokens, one document each; acc_norm equals acc (all choices
+    have `continuation_len` tokens). Items without enough distinct distractors are skipped and
+    counted (`too_few_distinct_continuations`).
     """
     for name, value, least in (("num_items", num_items, 1), ("num_choices", num_choices, 2),
                                ("context_len", context_len, 1),
-                               ("continuation_len", continuation_len, 1),
-                               ("skip_rows", skip_rows, 0)):
+                               ("continuation_len", continuation_len, 1)):
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     width = context_len + continuation_len
@@ -188,11 +187,10 @@ def continuation_task(pool, domain: str, num_items: int, num_choices: int, conte
     if num_items < num_choices:
         raise ValueError(f"num_items ({num_items}) must be >= num_choices ({num_choices}): the "
                          "distractors are other items' continuations")
-    windows_NxW = _row_windows(pool, pool.ids_of_domain(domain)[skip_rows:], width, num_items)
+    windows_NxW = _row_windows(pool, np.asarray(ids, np.int64), width, num_items)
     if len(windows_NxW) < num_items:
-        raise ValueError(f"num_items: domain {domain!r} of this pool has only "
-                         f"{len(windows_NxW)} rows after its first {skip_rows} with a document "
-                         f"of {width} tokens; ask for fewer items or shorter windows")
+        raise ValueError(f"num_items: only {len(windows_NxW)} of the {len(ids)} rows have a "
+                         f"document of {width} tokens; ask for fewer items or shorter windows")
     contexts_NxC, continuations_NxT = windows_NxW[:, :context_len], windows_NxW[:, context_len:]
     rng = np.random.default_rng(seed)
     items, skipped = [], collections.Counter()

@@ -35,7 +35,8 @@ class TrainState:
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """cosine (warmup, cosine to min), wsd (warmup, stable, linear decay), or constant."""
+    """cosine (warmup, cosine to min), wsd (warmup, stable, then a linear decay to min over the
+    last `optim.decay_steps`), or constant."""
     lr, warmup = optim.lr, min(optim.warmup_steps, total_steps)
     end = lr * optim.min_lr_ratio
     if optim.schedule == "cosine":
@@ -44,7 +45,7 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     warm = optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
     if optim.schedule == "constant":
         return optax.join_schedules([warm, optax.constant_schedule(lr)], [warmup])
-    decay_steps = max(1, int(round(optim.decay_fraction * total_steps)))
+    decay_steps = max(1, min(optim.decay_steps, total_steps))
     stable_end = max(warmup, total_steps - decay_steps)
     return optax.join_schedules(
         [warm, optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay_steps)],

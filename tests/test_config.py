@@ -31,6 +31,13 @@ def test_presets_and_options():
     ("optim.schedule", "linear", 1, "config.optim.schedule: 'linear' is not one of"),
     ("data.source", "s3", 1, "config.data.source: 's3' is not one of"),
     ("mesh.fsdp", 3, 4, "config.mesh: fsdp\\*tensor=3 does not divide the 4 devices"),
+    ("data.heldout_groups", 2, 1, "config.data.heldout_groups: must be >= 3"),
+    ("data.packing", "rows", 1, "config.data.packing: 'rows' is not one of"),
+    ("optim.decay_steps", 301, 1, "config.optim.decay_steps: must be in \\[0, train.steps"),
+    ("roles.target_fraction", 1.0, 1, "config.roles.target_fraction: must be in"),
+    ("roles.target_eval_fraction", 0.6, 1,
+     "config.roles.target_eval_fraction: .* leaves no eval documents"),
+    ("roles.target_items", 0, 1, "config.roles.target_items: must be >= 1"),
 ])
 def test_impossible_values_name_the_key(key, value, devices, message):
     config = pretrain.get_config("tiny")

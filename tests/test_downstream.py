@@ -3,7 +3,6 @@ out and why, its numbers against direct `evaluate` calls, and its config checks.
 
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,8 +16,8 @@ def _config(cache, **downstream_settings):
     config = probe_worker.tiny_config()
     config.data.update(source="synthetic", synthetic_docs_per_domain=120, heldout_fraction=0.5,
                        cache_dir=str(cache))
-    config.downstream.update(dict(num_items=8, skip_rows=4, choices=4, context_len=8,
-                                  continuation_len=4, batch_size=16) | downstream_settings)
+    config.downstream.update(dict(num_items=8, choices=4, context_len=8, continuation_len=4,
+                                  batch_size=16) | downstream_settings)
     return config
 
 
@@ -28,47 +27,48 @@ def setup(tmp_path_factory):
     config = _config(cache)
     heldout = pool_lib.build_pools(config)["heldout"]
     trainer = train.Trainer(config)
-    return dict(cache=cache, heldout=heldout, trainer=trainer,
+    # The eval rows: every other row of each domain (any set of rows will do).
+    eval_ids = np.concatenate([heldout.ids_of_domain(d)[::2] for d in heldout.domain_names])
+    return dict(cache=cache, heldout=heldout, trainer=trainer, eval_ids=np.sort(eval_ids),
                 params=trainer.init_params(config.seed))
 
 
-def test_suite_has_both_tasks_per_domain_after_the_skipped_rows(setup):
-    heldout = setup["heldout"]
-    suite = downstream.build(_config(setup["cache"]), heldout)
+def test_suite_has_both_tasks_per_domain_on_the_eval_rows_only(setup):
+    heldout, eval_ids = setup["heldout"], setup["eval_ids"]
+    suite = downstream.build(_config(setup["cache"]), heldout, eval_ids)
     assert suite.skipped == {}
     assert set(suite.tasks) == {f"{kind}/{d}" for d in heldout.domain_names
                                 for kind in ("cloze", "continuation")}
     for domain in heldout.domain_names:
-        ids = heldout.ids_of_domain(domain)
-        allowed = heldout.rows(ids[4:4 + 8])["tokens"]  # Rows 4 .. 11 of the domain.
+        mine = np.intersect1d(heldout.ids_of_domain(domain), eval_ids)
+        allowed = heldout.rows(mine[:8])["tokens"]  # The domain's first 8 eval rows.
         cloze = suite.tasks[f"cloze/{domain}"]
         assert all((row == allowed).all(1).any() for row in cloze.tokens_RxL)
-        np.testing.assert_array_equal(  # The same task as built directly, after 4 rows.
+        np.testing.assert_array_equal(  # The same task as built directly on those rows.
             suite.tasks[f"continuation/{domain}"].tokens_CxL, tasks.continuation_task(
-                heldout, domain, 8, 4, 8, 4, config_lib.stream_seed(0, downstream._SUITE),
-                skip_rows=4).tokens_CxL)
+                heldout, mine, 8, 4, 8, 4, config_lib.stream_seed(0, downstream._SUITE)
+            ).tokens_CxL)
 
 
 def test_too_small_domains_and_bad_files_are_left_out_with_the_reason(setup, tmp_path):
     heldout = setup["heldout"]
     domain = heldout.domain_names[0]
-    rows = len(heldout.ids_of_domain(domain))
     good, empty = tmp_path / "quiz.jsonl", tmp_path / "empty.jsonl"
     good.write_text("".join(json.dumps({"context": "a b c", "choices": ["d", "e"], "answer": i % 2})
                             + "\n" for i in range(3)) + "{broken\n")
     empty.write_text(json.dumps({"context": "a", "choices": [], "answer": 0}) + "\n")
-    config = _config(setup["cache"], domains=domain, skip_rows=rows,
-                     files=f"{good},{empty}")
-    suite = downstream.build(config, heldout)
+    config = _config(setup["cache"], domains=domain, files=f"{good},{empty}")
+    others = np.setdiff1d(np.arange(len(heldout)), heldout.ids_of_domain(domain))
+    suite = downstream.build(config, heldout, others)  # No eval row of the domain.
     assert set(suite.tasks) == {"mc/quiz"}
     assert suite.tasks["mc/quiz"].num_items == 3
     assert suite.tasks["mc/quiz"].skipped == {"bad_json": 1}
-    assert "no rows after its first" in suite.skipped[f"cloze/{domain}"]
+    assert "some rows" in suite.skipped[f"cloze/{domain}"]
     assert "num_items" in suite.skipped[f"continuation/{domain}"]
     assert "no usable items" in suite.skipped["mc/empty"] and "no_choices" in \
         suite.skipped["mc/empty"]
     with pytest.raises(config_lib.ConfigError, match="downstream.domains"):
-        downstream.build(_config(setup["cache"], domains="poetry"), heldout)
+        downstream.build(_config(setup["cache"], domains="poetry"), heldout, setup["eval_ids"])
 
 
 def test_run_reports_each_task_as_evaluate_does_and_macro_averages(setup, tmp_path):
@@ -76,7 +76,8 @@ def test_run_reports_each_task_as_evaluate_does_and_macro_averages(setup, tmp_pa
     quiz = tmp_path / "quiz.jsonl"
     quiz.write_text("".join(json.dumps({"context": "one two", "choices": ["three", "four four"],
                                         "answer": 1}) + "\n" for _ in range(2)))
-    suite = downstream.build(_config(setup["cache"], files=str(quiz)), heldout)
+    suite = downstream.build(_config(setup["cache"], files=str(quiz)), heldout,
+                             setup["eval_ids"])
     result = downstream.run(trainer, params, suite, 16)
     assert set(result["tasks"]) == set(suite.tasks) and result["skipped"] == {}
     for name, task in suite.tasks.items():
@@ -98,7 +99,7 @@ def _downstream(**settings):
 
 
 @pytest.mark.parametrize("settings, key", [
-    (dict(num_items=-1), "downstream.num_items"), (dict(skip_rows=-1), "downstream.skip_rows"),
+    (dict(num_items=-1), "downstream.num_items"),
     (dict(choices=1), "downstream.choices"), (dict(num_items=3), "downstream.num_items"),
     (dict(context_len=0), "downstream.context_len"),
     (dict(continuation_len=0), "downstream.continuation_len"),
@@ -109,15 +110,3 @@ def _downstream(**settings):
 def test_impossible_settings_name_the_key(settings, key):
     with pytest.raises(config_lib.ConfigError, match=f"config.{key}:"):
         config_lib.validate(_downstream(**settings), 1)
-
-
-def test_a_reference_set_the_tasks_would_evaluate_is_refused():
-    config = _downstream(skip_rows=16)
-    config.mates = ml_collections.ConfigDict(dict(reference_domain="reference",
-                                                  reference_items=32))
-    with pytest.raises(config_lib.ConfigError, match="downstream.skip_rows: 16 is fewer"):
-        config_lib.check_reference_apart(config, "mates")
-    config.downstream.domains = "code,docs"  # Not the reference domain: no overlap.
-    config_lib.check_reference_apart(config, "mates")
-    config.downstream.update(domains="", num_items=0)  # No domain tasks.
-    config_lib.check_reference_apart(config, "mates")

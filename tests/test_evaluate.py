@@ -63,8 +63,8 @@ def run(tmp_path_factory):
     for _ in range(config.train.steps):
         batch = heldout.rows(rng.choice(prose, probe_worker.BATCH))
         state, _ = trainer.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-    cloze = probe.cloze_from_pool(heldout, "prose", 20)
-    mc = tasks.continuation_task(heldout, "prose", 32, 4, context_len=8, continuation_len=4,
+    cloze = probe.cloze_from_pool(heldout, prose, 40)
+    mc = tasks.continuation_task(heldout, prose, 32, 4, context_len=8, continuation_len=4,
                                  seed=0)
     inputs, eight = tmp / "inputs.npz", tmp / "eight.npz"
     np.savez(inputs, **{f"param_{i}": np.asarray(x)

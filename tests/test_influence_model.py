@@ -232,6 +232,34 @@ def test_init_params_keep_the_pretrained_encoder(tiny):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_windows_are_encoded_apart_and_mean_pooled_together(tiny):
+    """Inputs longer than the encoder's window (MATES: 1024 tokens as 2 x 512) are read window
+    by window, positions restarting, and mean-pooled over every real token: the regressor
+    equals the encoder run on each window, the hidden states concatenated, then pooled and the
+    head applied by hand; and tokenising with `max_tokens` keeps [CLS] first, [SEP] last."""
+    window = tiny.max_length
+    texts = [" ".join(["word"] * n) for n in (3, window, 2 * window)]
+    ids, lengths = encoder_lib.tokenize(tiny, texts, max_tokens=2 * window)
+    assert ids.shape == (3, 2 * window) and lengths[0] < window < lengths[1] <= 2 * window
+    assert lengths[2] == 2 * window and ids[2, 0] == ids[0, 0] and ids[2, -1] == ids[0, 4]
+    mask = _mask(ids, lengths)
+    params = im.init_params(tiny, seed=1)
+    got = np.asarray(im.forward(params, ids, mask, module=im.make_module(tiny)))
+    bert = encoder_lib.BertEncoder(tiny.config)
+    enc = {"params": params["params"]["encoder"]}
+    hidden = np.concatenate([np.asarray(bert.apply(enc, ids[:, s:s + window],
+                                                   mask[:, s:s + window]))
+                             for s in (0, window)], axis=1)
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    head = params["params"]["head"]
+    want = pooled @ np.asarray(head["kernel"])[:, 0] + np.asarray(head["bias"])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The same rows cut to their own lengths (as predict's batches are) give the same.
+    short = np.asarray(im.forward(params, ids[:1, :window], mask[:1, :window],
+                                  module=im.make_module(tiny)))
+    np.testing.assert_allclose(short, got[:1], rtol=1e-5, atol=1e-6)
+
+
 def test_real_minilm_composes():
     minilm = encoder_lib.load_encoder(max_length=32)
     assert minilm.pooling.normalize  # The regressor pools without normalising all the same.
@@ -266,8 +294,8 @@ def small(tiny):
     ("ids_1d", "ids_NxM must be a non-empty"),
     ("lengths_short", "lengths_N must be"),
     ("influences_short", "influences_N has shape"),
-    ("length_zero", r"lengths_N must lie in \[1, 32\]"),
-    ("length_over", r"lengths_N must lie in \[1, 32\]"),
+    ("length_zero", r"lengths_N must lie in \[1, M=32\]"),
+    ("length_over", r"lengths_N must lie in \[1, M=32\]"),
     ("id_out_of_vocab", r"ids_NxM: token ids .* \[0, vocab_size=30522\)"),
     ("nan_influence", "influences_N has 1 non-finite"),
     ("constant", "influences_N is constant"),

@@ -118,9 +118,50 @@ def test_segment_ids_and_padding_invariants(built):
             assert segments[i].max() == len(pool.doc_ids_of(i))
         padded = np.flatnonzero((segments == 0).any(axis=1))
         for name in pool.domain_names:
-            rows = pool.ids_of_domain(name)
-            # Only a domain's last row may be padded.
-            assert set(padded) & set(rows) <= set(rows[-1:])
+            for group in np.unique(pool.groups):
+                rows = np.intersect1d(pool.ids_of_domain(name), np.flatnonzero(
+                    pool.groups == group))
+                # Only the last row of a domain's (held-out group's) rows may be padded.
+                assert set(padded) & set(rows) <= set(rows[-1:])
+
+
+def test_heldout_groups_hold_whole_documents(built):
+    """Every held-out document is in the rows of one group, the one its hash names; train rows
+    are group 0."""
+    config, pools = built
+    assert not np.asarray(pools["train"].groups).any()
+    heldout = pools["heldout"]
+    groups = np.asarray(heldout.groups)
+    assert len(np.unique(groups)) > 1
+    group_of = {}
+    for i in range(len(heldout)):
+        for doc in heldout.doc_ids_of(i).tolist():
+            assert group_of.setdefault(doc, groups[i]) == groups[i]
+    for doc, group in group_of.items():
+        assert group == pool_lib.heldout_group(doc, config.data.heldout_groups)
+    rows = np.flatnonzero(groups == groups[0])
+    assert heldout.doc_ids(rows).tolist() == sorted(
+        {d for i in rows for d in heldout.doc_ids_of(i).tolist()})
+
+
+def test_document_packing_starts_every_document_on_a_row(corpus, tmp_path):
+    """`data.packing="document"`: each document's first token is a row's first token, and the
+    documents are the ones concat packing holds, token for token."""
+    config = _config(tmp_path, paths=str(corpus), packing="document")
+    concat = pool_lib.build_pools(_config(tmp_path, paths=str(corpus)))
+    for split, pool in pool_lib.build_pools(config).items():
+        segments = np.asarray(pool.segments)
+        starts = {}
+        for i in range(len(pool)):
+            docs = pool.doc_ids_of(i)
+            assert segments[i].max() == len(docs)
+            if len(docs) > 1:  # A row holds the end of a long document only if it ends it.
+                pytest.fail(f"row {i} holds documents {docs}")
+            starts.setdefault(int(docs[0]), i)
+        rebuilt, expected = _docs_from_rows(pool), _docs_from_rows(concat[split])
+        assert rebuilt.keys() == expected.keys()
+        for doc, tokens in rebuilt.items():
+            np.testing.assert_array_equal(tokens, expected[doc])
 
 
 def test_split_is_deterministic_disjoint_and_covers_every_domain(built, corpus, tmp_path):
@@ -233,6 +274,23 @@ def test_cached_pool_with_a_larger_tokenizer_names_model_vocab_size(built, corpu
     config.model.vocab_size = 260
     with pytest.raises(ValueError, match="model.vocab_size=260"):
         pool_lib.build_pools(config)
+
+
+def test_synthetic_near_duplicates_name_the_documents_they_copy(tmp_path):
+    config = _config(tmp_path, source="synthetic", vocab_size=512, domain_field="",
+                     synthetic_docs_per_domain=20)
+    pools = pool_lib.build_pools(config)
+    docs = _source_docs(config)
+    expected = [(d.copy_of, d.doc_id) for d in docs if d.label == "near_duplicate"]
+    assert len(expected) >= 3 and all(original >= 0 for original, _ in expected)
+    for pool in pools.values():
+        assert pool.near_duplicates.tolist() == [list(p) for p in expected]
+        assert pool.report["near_duplicate_pairs"] == len(expected)
+
+
+def test_real_sources_plant_no_near_duplicates(built):
+    for pool in built[1].values():
+        assert pool.near_duplicates.shape == (0, 2) and pool.report["near_duplicate_pairs"] == 0
 
 
 def test_row_labels_are_the_majority_of_their_tokens(tmp_path):

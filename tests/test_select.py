@@ -11,6 +11,8 @@ import re
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
 
 from jaxsel import report, select
 
@@ -142,7 +144,7 @@ def test_random_ids_are_uniform_over_ordered_pairs():
     assert p > 1e-3, f"random_ids is not uniform (p={p:.2g})"
 
 
-# ----------------------------------------------------------------------------- cluster_diverse
+# ----------------------------------------------------------------------------- cluster_stratified
 
 
 def labelled(sizes_by_label, seed=0):
@@ -151,13 +153,13 @@ def labelled(sizes_by_label, seed=0):
     return np.random.default_rng(seed).permutation(labels)
 
 
-def test_cluster_diverse_hand_computed_water_filling():
+def test_cluster_stratified_hand_computed_water_filling():
     # Sizes 2, 10, 5, 7 and k = 16: the size-2 cluster gives both members; 14 remain for three
     # clusters, so the level is 4 (12 units) and 2 leftover units go to two of the three.
     labels = labelled({7: 2, -1: 10, 4: 5, 12: 7})
     short_of_leftover = set()
     for seed in range(40):
-        counts = counts_by_label(select.cluster_diverse(labels, 16, seed), labels)
+        counts = counts_by_label(select.cluster_stratified(labels, 16, seed), labels)
         assert counts[7] == 2
         assert sorted(counts[c] for c in (-1, 4, 12)) == [4, 5, 5]
         short_of_leftover |= {c for c in (-1, 4, 12) if counts[c] == 4}
@@ -165,17 +167,17 @@ def test_cluster_diverse_hand_computed_water_filling():
     # Sizes 1, 1, 20, 3 and k = 10: 1 + 1, then level 4 > 3 takes all 3, then 5 from the 20.
     labels = labelled({0: 1, 1: 1, 2: 20, 3: 3}, seed=1)
     for seed in range(5):
-        counts = counts_by_label(select.cluster_diverse(labels, 10, seed), labels)
+        counts = counts_by_label(select.cluster_stratified(labels, 10, seed), labels)
         assert counts == {0: 1, 1: 1, 2: 5, 3: 3}
 
 
-def test_cluster_diverse_allocation_is_water_filling():
+def test_cluster_stratified_allocation_is_water_filling():
     rng = np.random.default_rng(6)
     for trial in range(30):
         sizes = rng.integers(1, 30, size=rng.integers(1, 12)).tolist()
         labels = labelled(dict(enumerate(sizes)), seed=trial)
         k = int(rng.integers(1, len(labels) + 1))
-        selection = select.cluster_diverse(labels, k, seed=trial)
+        selection = select.cluster_stratified(labels, k, seed=trial)
         level = brute_level(sizes, k)
         counts = counts_by_label(selection, labels)
         extra = [counts[c] - min(s, level) for c, s in enumerate(sizes)]
@@ -186,11 +188,11 @@ def test_cluster_diverse_allocation_is_water_filling():
 
 
 @pytest.mark.parametrize("lower_is_better", [True, False])
-def test_cluster_diverse_takes_the_best_scored_members(lower_is_better):
+def test_cluster_stratified_takes_the_best_scored_members(lower_is_better):
     rng = np.random.default_rng(7)
     labels = labelled({0: 30, 1: 4, 2: 12, 3: 25}, seed=2)
     scores = rng.integers(0, 8, size=len(labels)).astype(np.float64)  # ties: go to lower id
-    selection = select.cluster_diverse(labels, 30, 0, scores, lower_is_better)
+    selection = select.cluster_stratified(labels, 30, 0, scores, lower_is_better)
     counts = counts_by_label(selection, labels)
     expected = []
     for c in range(4):
@@ -202,13 +204,13 @@ def test_cluster_diverse_takes_the_best_scored_members(lower_is_better):
     assert counts[1] == 4 and sorted(counts.values()) == [4, 8, 9, 9]  # level 8, 2 leftover
 
 
-def test_cluster_diverse_without_scores_is_a_seeded_uniform_sample():
+def test_cluster_stratified_without_scores_is_a_seeded_uniform_sample():
     labels = labelled({0: 40, 1: 35, 2: 3}, seed=3)
-    a, b = (select.cluster_diverse(labels, 20, seed=11) for _ in range(2))
+    a, b = (select.cluster_stratified(labels, 20, seed=11) for _ in range(2))
     np.testing.assert_array_equal(a.ids, b.ids)
     assert a.scores is None
-    assert not np.array_equal(a.ids, select.cluster_diverse(labels, 20, seed=12).ids)
-    np.testing.assert_array_equal(np.sort(select.cluster_diverse(labels, 78, 0).ids),
+    assert not np.array_equal(a.ids, select.cluster_stratified(labels, 20, seed=12).ids)
+    np.testing.assert_array_equal(np.sort(select.cluster_stratified(labels, 78, 0).ids),
                                   np.arange(78))
     # Sizes 2 and 6, k = 4: both of the first, and a uniform 2 of the 6 others (15 pairs).
     labels = np.array([0, 1, 1, 0, 1, 1, 1, 1])
@@ -216,11 +218,66 @@ def test_cluster_diverse_without_scores_is_a_seeded_uniform_sample():
     pairs = list(itertools.combinations(second.tolist(), 2))
     counts = dict.fromkeys(pairs, 0)
     for seed in range(3000):
-        ids = select.cluster_diverse(labels, 4, seed).ids.tolist()
+        ids = select.cluster_stratified(labels, 4, seed).ids.tolist()
         assert {0, 3} <= set(ids)
         counts[tuple(sorted(set(ids) - {0, 3}))] += 1
     p = chisquare_p([counts[pair] for pair in pairs], [1 / len(pairs)] * len(pairs))
     assert p > 1e-3, f"within-cluster sample is not uniform (p={p:.2g})"
+
+
+
+# ----------------------------------------------------------------------------- threshold_diverse
+
+
+def nearest_to_centroids(emb, labels):
+    """Each cluster's member nearest (float64 squared L2) the mean of its unit rows; ties (within
+    1e-12: a two-member cluster's pair) to the lower id."""
+    unit = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float64)
+    reps = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        d2 = ((unit[members] - unit[members].mean(0)) ** 2).sum(1)
+        reps[c] = members[d2 <= d2.min() + 1e-12][0]
+    return reps
+
+
+def test_threshold_diverse_takes_each_clusters_most_central_member():
+    rng = np.random.default_rng(21)
+    centres = rng.standard_normal((10, 6))
+    emb = (centres[rng.integers(10, size=240)] + 0.6 * rng.standard_normal((240, 6))).astype(
+        np.float32) * rng.uniform(0.5, 3, size=(240, 1)).astype(np.float32)  # any row norms
+    z = linkage(pdist(emb.astype(np.float64), "cosine"), "average")
+    selection = select.threshold_diverse(emb, 25, num_neighbors=239, missing_distance=2.0)
+    labels = fcluster(z, 25, "maxclust")  # exact average linkage cut into 25 clusters
+    reps = nearest_to_centroids(emb, labels)
+    assert selection.method == "threshold_diverse" and len(selection) == 25
+    assert sorted(selection.ids.tolist()) == sorted(reps.values())
+    sizes = {reps[c]: np.sum(labels == c) for c in reps}
+    np.testing.assert_array_equal(selection.scores, [sizes[i] for i in selection.ids])
+    assert np.all(np.diff(selection.scores) <= 0), "largest cluster first"
+    assert selection.params["epsilon"] == pytest.approx(np.sort(z[:, 2])[240 - 25 - 1], abs=1e-9)
+    assert selection.params["num_clusters"] == 25 and selection.params["pair_coverage"] == 1.0
+
+
+def test_threshold_diverse_on_a_disconnected_graph_takes_the_largest_clusters():
+    rng = np.random.default_rng(22)
+    # Four far-apart groups of sizes 9, 12, 7, 12 (rows shuffled): with 4 neighbours the graph
+    # has four components, so at most 36 merges and never fewer than 4 clusters.
+    sizes, perm = (9, 12, 7, 12), rng.permutation(40)
+    groups = np.repeat(np.arange(4), sizes)[perm]
+    emb = (20 * np.eye(6)[groups] + rng.standard_normal((40, 6))).astype(np.float32)
+    reps = nearest_to_centroids(emb, groups)
+    order = sorted(range(4), key=lambda g: (-sizes[g], np.flatnonzero(groups == g)[0]))
+    cos = brute_cosines(emb, emb) - 2 * np.eye(40)
+    near = np.argsort(-cos, axis=1)[:, :4]
+    edges = {(min(i, j), max(i, j)) for i in range(40) for j in near[i]}
+    within = sum(groups[i] == groups[j] for i, j in edges) / sum(s * (s - 1) / 2 for s in sizes)
+    for k in (1, 2, 3, 4):
+        selection = select.threshold_diverse(emb, k, num_neighbors=4)
+        assert selection.ids.tolist() == [reps[g] for g in order[:k]]
+        assert selection.params["num_clusters"] == 4
+        assert selection.params["pair_coverage"] == pytest.approx(within)
+    assert len(select.threshold_diverse(emb, 5, num_neighbors=4)) == 5  # a group splits
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -300,7 +357,8 @@ def test_nearest_to_target_matches_brute_force():
 @pytest.mark.parametrize("make", [
     lambda: select.gumbel_top_k(np.random.default_rng(0).standard_normal(100), 10, 1),
     lambda: select.random_ids(100, 10, 2),
-    lambda: select.cluster_diverse(np.arange(100) % 7, 10, 3),
+    lambda: select.cluster_stratified(np.arange(100) % 7, 10, 3),
+    lambda: select.threshold_diverse(np.random.default_rng(4).standard_normal((50, 3)), 5),
 ])
 def test_selection_save_load_round_trip(tmp_path, make):
     selection = make()
@@ -373,12 +431,12 @@ BAD_INPUTS = {
     "gumbel overflow": (lambda: select.gumbel_top_k([1e300, 0.0], 1, 0, 1e-300), "temperature"),
     "gumbel inf score": (lambda: select.gumbel_top_k([1.0, np.inf], 1, 0), "scores_N"),
     "gumbel k=0": (lambda: select.gumbel_top_k([1.0, 2.0], 0, 0), r"k must be in \[1, 2\]"),
-    "cluster empty": (lambda: select.cluster_diverse([], 1, 0), "cluster_ids_N"),
-    "cluster float": (lambda: select.cluster_diverse([0.5, 1.0], 1, 0), "cluster_ids_N"),
-    "cluster k>N": (lambda: select.cluster_diverse([0, 1, 1], 4, 0), r"k must be in \[1, 3\]"),
-    "cluster scores shape": (lambda: select.cluster_diverse([0, 1, 1], 2, 0, [1.0, 2.0]),
+    "cluster empty": (lambda: select.cluster_stratified([], 1, 0), "cluster_ids_N"),
+    "cluster float": (lambda: select.cluster_stratified([0.5, 1.0], 1, 0), "cluster_ids_N"),
+    "cluster k>N": (lambda: select.cluster_stratified([0, 1, 1], 4, 0), r"k must be in \[1, 3\]"),
+    "cluster scores shape": (lambda: select.cluster_stratified([0, 1, 1], 2, 0, [1.0, 2.0]),
                              "scores_N"),
-    "cluster scores nan": (lambda: select.cluster_diverse([0, 1], 1, 0, [1.0, np.nan]),
+    "cluster scores nan": (lambda: select.cluster_stratified([0, 1], 1, 0, [1.0, np.nan]),
                            "scores_N"),
     "dedup empty": (lambda: select.dedup(np.zeros((0, 4)), 0.9), "emb_NxD"),
     "dedup zero row": (lambda: select.dedup(ZERO_ROW, 0.9), "emb_NxD"),
@@ -393,6 +451,15 @@ BAD_INPUTS = {
     "nearest empty target": (lambda: select.nearest_to_target(EMB, np.zeros((0, 4)), 2),
                              "target_TxD"),
     "nearest k=0": (lambda: select.nearest_to_target(EMB, EMB[:2], 0), r"k must be in \[1, 10\]"),
+    "diverse empty": (lambda: select.threshold_diverse(np.zeros((0, 4)), 1), "emb_NxD"),
+    "diverse nan row": (lambda: select.threshold_diverse(NAN_ROW, 2), "emb_NxD"),
+    "diverse zero row": (lambda: select.threshold_diverse(ZERO_ROW, 2), "emb_NxD"),
+    "diverse k=0": (lambda: select.threshold_diverse(EMB, 0), r"k must be in \[1, 10\], got 0"),
+    "diverse k>N": (lambda: select.threshold_diverse(EMB, 11), r"k must be in \[1, 10\], got 11"),
+    "diverse neighbours": (lambda: select.threshold_diverse(EMB, 2, num_neighbors=0),
+                           "num_neighbors"),
+    "diverse missing": (lambda: select.threshold_diverse(EMB, 2, missing_distance=-1.0),
+                        "missing_distance"),
     "selection repeats": (lambda: select.Selection([0, 0], "m", 5, {}), "ids must be unique"),
     "selection range": (lambda: select.Selection([5], "m", 5, {}), "pool_size=5"),
     "selection empty": (lambda: select.Selection([], "m", 5, {}), "ids"),

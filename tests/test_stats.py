@@ -87,17 +87,126 @@ def test_bootstrap_ci_is_seeded_and_skips_undefined_resamples():
     assert stats.bootstrap_ci(stats.spearman, [1, 2], [3, 4], 100, seed=0) == (1.0, 1.0)
 
 
-def test_variance_reduction_closed_form():
-    values = np.array([1.0, 3.0, 10.0, 14.0])
-    # Total: mean 7, squared deviations 36 + 16 + 9 + 49 = 110. Within clusters {1,3}, {10,14}:
-    # 1 + 1 + 4 + 4 = 10.
-    assert stats.variance_reduction(values, [0, 0, 1, 1]) == pytest.approx(1 - 10 / 110)
-    assert stats.variance_reduction(values, [0, 1, 2, 3]) == pytest.approx(1.0)
-    assert stats.variance_reduction(values, [5, 5, 5, 5]) == pytest.approx(0.0)
-    # Vectors: squared distances summed over dimensions.
+def _clustered(seed, num_groups=8, per_group=5):
+    """Pairs in groups that share a large group effect in both x and y (like the eval sets of one
+    mixture): the groups are the independent units, not the pairs."""
+    rng = np.random.default_rng(seed)
+    effect_G = rng.standard_normal(num_groups)
+    x = np.repeat(effect_G, per_group) + 0.3 * rng.standard_normal(num_groups * per_group)
+    y = np.repeat(effect_G + 0.8 * rng.standard_normal(num_groups), per_group) + (
+        0.3 * rng.standard_normal(num_groups * per_group))
+    return x, y, np.repeat(np.arange(num_groups)[::-1], per_group)  # Labels in another order.
+
+
+def test_grouped_bootstrap_ci_matches_a_hand_written_group_resampling_loop():
+    x, y, groups = _clustered(0)
+    got = stats.bootstrap_ci(stats.pearson, x, y, 300, seed=3, groups=groups)
+    labels = sorted(set(groups.tolist()))
+    draws = np.random.default_rng(3).integers(0, len(labels), size=(300, len(labels)))
+    values = []
+    for draw in draws:
+        xs, ys = [], []
+        for g in draw:
+            for i in range(len(x)):
+                if groups[i] == labels[g]:
+                    xs.append(x[i])
+                    ys.append(y[i])
+        values.append(scipy_stats.pearsonr(xs, ys).statistic)
+    assert got == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])), abs=1e-12)
+
+
+def test_grouped_bootstrap_ci_of_singletons_is_the_pair_bootstrap():
+    x, y = _samples(6, n=30)
+    assert stats.bootstrap_ci(stats.spearman, x, y, 200, seed=2, groups=np.arange(30)) == (
+        stats.bootstrap_ci(stats.spearman, x, y, 200, seed=2))
+
+
+def test_grouped_bootstrap_ci_is_wider_than_the_pair_bootstrap_for_clustered_pairs():
+    # 8 independent groups of 5 pairs: resampling the 40 pairs as if independent overstates the
+    # sample size and gives too narrow an interval.
+    x, y, groups = _clustered(1)
+    pair = stats.bootstrap_ci(stats.pearson, x, y, 2000, seed=0)
+    grouped = stats.bootstrap_ci(stats.pearson, x, y, 2000, seed=0, groups=groups)
+    assert grouped[1] - grouped[0] > 1.5 * (pair[1] - pair[0])
+
+
+def _pooled(values, clusters):
+    """1 - sum of the within-cluster sums of squares / the total sum of squares, one cluster at a
+    time ([N] or [N, D] values)."""
+    x = np.asarray(values, np.float64).reshape(len(values), -1)
+    clusters = np.asarray(clusters)
+    within = sum(np.sum((x[clusters == c] - x[clusters == c].mean(0)) ** 2)
+                 for c in np.unique(clusters))
+    return 1 - within / np.sum((x - x.mean(0)) ** 2)
+
+
+def _unweighted(values, clusters):
+    """1 - the plain mean of the per-cluster variances (ddof 0) / the total variance."""
+    x = np.asarray(values, np.float64).reshape(len(values), -1)
+    clusters = np.asarray(clusters)
+    variances = [np.mean(np.sum((x[clusters == c] - x[clusters == c].mean(0)) ** 2, axis=1))
+                 for c in np.unique(clusters)]
+    return 1 - np.mean(variances) / np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))
+
+
+def test_variance_reductions_on_hand_computed_examples():
+    values = np.array([0.0, 2.0, 4.0, 11.0, 13.0])
+    # Mean 6; squared deviations 36 + 16 + 4 + 25 + 49 = 130, variance 26. Clusters {0, 2, 4}
+    # (mean 2, sum of squares 8, variance 8/3) and {11, 13} (mean 12, sum of squares 2,
+    # variance 1): pooled 1 - 10/130; unweighted 1 - ((8/3 + 1) / 2) / 26 = 1 - 11/156.
+    two = [0, 0, 0, 1, 1]
+    assert stats.variance_reduction_pooled(values, two) == pytest.approx(1 - 10 / 130)
+    assert stats.variance_reduction_unweighted(values, two) == pytest.approx(1 - 11 / 156)
+    # Singletons {11} and {13}: variance 0 each, and each counts as a cluster. Pooled
+    # 1 - 8/130; unweighted 1 - ((8/3 + 0 + 0) / 3) / 26 = 1 - 8/234.
+    singletons = [0, 0, 0, 1, 2]
+    assert stats.variance_reduction_pooled(values, singletons) == pytest.approx(1 - 8 / 130)
+    assert stats.variance_reduction_unweighted(values, singletons) == pytest.approx(1 - 8 / 234)
+    for fn in (stats.variance_reduction_pooled, stats.variance_reduction_unweighted):
+        assert fn(values, [0, 1, 2, 3, 4]) == pytest.approx(1.0)  # all singletons
+        assert fn(values, [5, 5, 5, 5, 5]) == pytest.approx(0.0)  # one cluster
+    # Equal sizes: the two forms agree. {0, 2} and {11, 13} of [0, 2, 11, 13]: mean 6.5,
+    # total 42.25 + 20.25 + 20.25 + 42.25 = 125, within 2 + 2 = 4; variances 1, 1 vs 31.25.
+    equal = np.array([0.0, 2.0, 11.0, 13.0])
+    assert stats.variance_reduction_pooled(equal, [0, 0, 1, 1]) == pytest.approx(1 - 4 / 125)
+    assert stats.variance_reduction_unweighted(equal, [0, 0, 1, 1]) == pytest.approx(
+        1 - 1 / 31.25)
+    # Vectors: squared distances summed over dimensions; clusters {a, a} and {b, b} hold 2 + 2.
     points = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 4.0], [10.0, 6.0]])
     total = np.sum((points - points.mean(0)) ** 2)
-    assert stats.variance_reduction(points, ["a", "a", "b", "b"]) == pytest.approx(1 - 4 / total)
+    assert stats.variance_reduction_pooled(points, ["a", "a", "b", "b"]) == pytest.approx(
+        1 - 4 / total)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_variance_reductions_match_numpy_on_unequal_clusters(seed):
+    # Sizes 3, 12, 60 and a singleton, with spreads that shrink as clusters grow: the two
+    # forms weigh the clusters differently and differ clearly.
+    rng = np.random.default_rng(seed)
+    sizes, means, spreads = [3, 12, 60, 1], [0.0, 2.0, 5.0, 9.0], [4.0, 1.0, 0.3, 0.0]
+    values = np.concatenate([m + s * rng.standard_normal(n)
+                             for n, m, s in zip(sizes, means, spreads, strict=True)])
+    order = rng.permutation(len(values))  # clusters interleaved, labels in no order
+    values, labels = values[order], np.repeat([7, 2, 5, 0], sizes)[order]
+    pooled = stats.variance_reduction_pooled(values, labels)
+    unweighted = stats.variance_reduction_unweighted(values, labels)
+    assert pooled == pytest.approx(_pooled(values, labels), abs=1e-12)
+    assert unweighted == pytest.approx(_unweighted(values, labels), abs=1e-12)
+    assert abs(pooled - unweighted) > 0.05
+    points = np.stack([values, rng.standard_normal(len(values))], axis=1)
+    assert stats.variance_reduction_pooled(points, labels) == pytest.approx(
+        _pooled(points, labels), abs=1e-12)
+    assert stats.variance_reduction_unweighted(points, labels) == pytest.approx(
+        _unweighted(points, labels), abs=1e-12)
+
+
+def test_unweighted_variance_reduction_can_be_negative():
+    # A large tight cluster and a small spread one: the small one's variance exceeds the total's.
+    values = np.array([0.0] * 8 + [0.1] * 8 + [-3.0, 3.0])
+    clusters = [0] * 16 + [1, 1]
+    assert stats.variance_reduction_unweighted(values, clusters) == pytest.approx(
+        _unweighted(values, clusters)) and _unweighted(values, clusters) < 0
+    assert stats.variance_reduction_pooled(values, clusters) > 0
 
 
 def test_purity_closed_form():
@@ -129,8 +238,14 @@ def test_mean_interval_against_scipy_and_a_closed_form():
     (lambda: stats.pearson([[1, 2]], [[1, 2]]), "x must be 1-D"),
     (lambda: stats.bootstrap_ci(stats.pearson, [1, 2], [1, 2], 0, 0), "num_resamples"),
     (lambda: stats.bootstrap_ci(stats.pearson, [1, 2], [1, 2], 10, 0, 1.0), "confidence"),
-    (lambda: stats.variance_reduction([1, 2], [0]), "cluster_ids must have shape"),
-    (lambda: stats.variance_reduction([2, 2], [0, 1]), "values: all points are equal"),
+    (lambda: stats.bootstrap_ci(stats.pearson, [1, 2], [1, 2], 10, 0, groups=[0]),
+     "groups must have shape"),
+    (lambda: stats.variance_reduction_pooled([1, 2], [0]), "cluster_ids must have shape"),
+    (lambda: stats.variance_reduction_unweighted([1, 2], [0]), "cluster_ids must have shape"),
+    (lambda: stats.variance_reduction_pooled([2, 2], [0, 1]), "values: all points are equal"),
+    (lambda: stats.variance_reduction_unweighted([2, 2], [0, 1]), "values: all points are"),
+    (lambda: stats.variance_reduction_unweighted([1, np.nan], [0, 1]), "values has a non-fin"),
+    (lambda: stats.variance_reduction_pooled(np.ones((2, 2, 2)), [0, 1]), "values must be"),
     (lambda: stats.purity([], []), "labels must be a non-empty"),
     (lambda: stats.mean_interval([]), "values must be a non-empty"),
     (lambda: stats.mean_interval([1.0, np.inf]), "values has a non-finite"),

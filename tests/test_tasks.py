@@ -158,7 +158,8 @@ def _hand_windows(pool, ids, width):
 def test_continuation_task_puts_each_documents_continuation_at_the_answer(synthetic):
     config, heldout = synthetic
     context_len, continuation_len, num_choices = 8, 4, 4
-    mc = tasks.continuation_task(heldout, "prose", 30, num_choices, context_len,
+    prose = heldout.ids_of_domain("prose")
+    mc = tasks.continuation_task(heldout, prose, 30, num_choices, context_len,
                                  continuation_len, seed=3)
     assert mc.num_items == 30 and mc.skipped == {} and mc.truncated == 0
     width = context_len + continuation_len
@@ -189,32 +190,31 @@ def test_continuation_task_puts_each_documents_continuation_at_the_answer(synthe
         assert len(set(others + [truths[i]])) == num_choices  # Distinct choices,
         assert set(others) <= set(truths[:i] + truths[i + 1:])  # other items' continuations.
     assert len(set(mc.answers_I.tolist())) > 1  # The answer's place is drawn.
-    again = tasks.continuation_task(heldout, "prose", 30, num_choices, context_len,
+    again = tasks.continuation_task(heldout, prose, 30, num_choices, context_len,
                                     continuation_len, seed=3)
     np.testing.assert_array_equal(again.tokens_CxL, mc.tokens_CxL)
-    other = tasks.continuation_task(heldout, "prose", 30, num_choices, context_len,
+    other = tasks.continuation_task(heldout, prose, 30, num_choices, context_len,
                                     continuation_len, seed=4)
     assert not np.array_equal(other.answers_I, mc.answers_I)
 
 
-def test_continuation_task_skips_rows(synthetic):
+def test_continuation_task_reads_the_given_rows_in_order(synthetic):
     _, heldout = synthetic
-    ids = heldout.ids_of_domain("prose")
-    later = tasks.continuation_task(heldout, "prose", 20, 4, 8, 4, seed=0, skip_rows=5)
-    items = [tuple(r) for r in later.tokens_CxL[later.answers_I + 4 * np.arange(20)]]
-    assert items == _hand_windows(heldout, ids[5:], 12)[:20]
-    with pytest.raises(ValueError, match="skip_rows"):
-        tasks.continuation_task(heldout, "prose", 20, 4, 8, 4, seed=0, skip_rows=-1)
+    ids = heldout.ids_of_domain("prose")[::-1][:40]  # Any rows, in the order given.
+    mc = tasks.continuation_task(heldout, ids, 20, 4, 8, 4, seed=0)
+    items = [tuple(r) for r in mc.tokens_CxL[mc.answers_I + 4 * np.arange(20)]]
+    assert items == _hand_windows(heldout, ids, 12)[:20]
 
 
 def test_continuation_task_bad_arguments(synthetic):
     _, heldout = synthetic
+    prose = heldout.ids_of_domain("prose")
     for kwargs, name in [(dict(num_choices=1), "num_choices"), (dict(num_items=0), "num_items"),
                          (dict(context_len=0), "context_len"),
                          (dict(continuation_len=30), "context_len \\+ continuation_len"),
                          (dict(num_items=3), "num_items"), (dict(num_items=10_000), "num_items"),
-                         (dict(domain="poetry"), "poetry")]:
-        args = dict(pool=heldout, domain="prose", num_items=8, num_choices=4, context_len=8,
+                         (dict(ids=prose[:2]), "only .* of the 2 rows")]:
+        args = dict(pool=heldout, ids=prose, num_items=8, num_choices=4, context_len=8,
                     continuation_len=4, seed=0) | kwargs
         with pytest.raises(ValueError, match=name):
             tasks.continuation_task(**args)

@@ -87,7 +87,7 @@ def test_loss_ignores_padding_and_cross_document_pairs():
 def test_schedules_closed_form(schedule):
     optim = config_lib.base_config("tiny").optim
     optim.update(schedule=schedule, lr=1.0, warmup_steps=10, min_lr_ratio=0.1,
-                 decay_fraction=0.2)
+                 decay_steps=20)
     fn, _ = train.make_schedule(optim, 100), None
     assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(0.5)
     assert float(fn(10)) == pytest.approx(1.0)

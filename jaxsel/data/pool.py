@@ -2,19 +2,26 @@
 
 A pool row is the selection unit: `seq_len` tokens from one domain, with per-token segment ids
 (1, 2, 3, ... numbering the documents in the row; a document continued from the previous row
-starts again at a new number; 0 only for the padding that ends a domain's last row) so attention
-and loss never cross a document boundary. Each row keeps its domain, a label (that of most of its
-tokens) and the ids of the documents in it.
+starts again at a new number; 0 only for padding) so attention and loss never cross a document
+boundary. Documents are packed back to back (`data.packing = "concat"`: only a domain's last row
+is padded), or each from the start of a row (`"document"`: its last row is padded). Each row keeps
+its domain, a label (that of most of its tokens) and the ids of the documents in it.
 
-Documents are split into train / held-out deterministically by a hash of their id. Both splits
+Documents are split into train / held-out deterministically by a hash of their id. Held-out
+documents are further dealt into `data.heldout_groups` document groups by a second hash of their
+id, and each (domain, group) is packed on its own, so no held-out row holds documents of two
+groups: the held-out roles (`jaxsel.roles`: target / target_eval / eval) are unions of groups, and
+therefore never share a document. Both splits
 are built in one streaming pass into a temporary folder that is renamed into place when complete,
 under a key that hashes everything the pool is built from; a second `build_pools` with the same
 inputs reads the cached pool without reading the source.
 
 Layout of a pool folder: `tokenizer.json`, and per split (`train/`, `heldout/`): `tokens.npy`,
-`segments.npy` [N, L] int32, `domains.npy`, `labels.npy` [N] int32, `doc_offsets.npy` [N+1] and
+`segments.npy` [N, L] int32, `domains.npy`, `labels.npy`, `groups.npy` (the held-out document
+group of each row; 0 in train) [N] int32, `doc_offsets.npy` [N+1] and
 `doc_ids.npy` [M] int64 (CSR: the doc ids of row i are `doc_ids[doc_offsets[i]:doc_offsets[i+1]]`),
-and `pool.json`, the build report.
+and `pool.json`, the build report; `near_duplicates.npy` [P, 2] int64, the (original, copy) document
+ids of the near-duplicates the source planted (the synthetic corpus; empty for real sources).
 """
 
 from __future__ import annotations
@@ -38,20 +45,21 @@ import tqdm
 from jaxsel.data import sources
 from jaxsel.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "heldout")
 # Tokenize this many documents per `encode_batch` call (the Rust side runs them in parallel).
 _ENCODE_BATCH = 256
 # A domain's packer hands full rows to the writer once it holds this many tokens.
 _FLUSH_TOKENS = 1 << 20
-_ARRAYS = ("tokens", "segments", "domains", "labels", "doc_offsets", "doc_ids")
+_ARRAYS = ("tokens", "segments", "domains", "labels", "groups", "doc_offsets", "doc_ids")
 
 
 class Pool:
     """One split of a built pool, memory-mapped read-only.
 
     Attributes: `tokens`, `segments` [N, L] int32; `domains` [N] int32 indexing `domain_names`;
-    `labels` [N] int32 indexing `label_names`; `path` (the split's folder); `report` (pool.json);
+    `labels` [N] int32 indexing `label_names`; `groups` [N] int32, the held-out document group of
+    each row (0 in train); `path` (the split's folder); `report` (pool.json);
     `tokenizer_path` (the tokenizer.json the pool was tokenized with).
     """
 
@@ -63,11 +71,14 @@ class Pool:
         self.segments: np.ndarray = arrays["segments"]
         self.domains: np.ndarray = arrays["domains"]
         self.labels: np.ndarray = arrays["labels"]
+        self.groups: np.ndarray = arrays["groups"]
         self._doc_offsets: np.ndarray = arrays["doc_offsets"]
         self._doc_ids: np.ndarray = arrays["doc_ids"]
         self.domain_names: list[str] = self.report["domain_names"]
         self.label_names: list[str] = self.report["label_names"]
         self.tokenizer_path = self.path.parent / "tokenizer.json"
+        # (original, copy) document ids of planted near-duplicates, over both splits.
+        self.near_duplicates: np.ndarray = np.load(self.path.parent / "near_duplicates.npy")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -79,6 +90,15 @@ class Pool:
     def doc_ids_of(self, i: int) -> np.ndarray:
         """The ids of the documents in row `i`, in order."""
         return np.asarray(self._doc_ids[self._doc_offsets[i]:self._doc_offsets[i + 1]])
+
+    def doc_ids(self, ids) -> np.ndarray:
+        """The distinct ids (sorted) of the documents in rows `ids`."""
+        ids = np.asarray(ids, np.int64)
+        starts = np.asarray(self._doc_offsets[ids])
+        counts = self._doc_offsets[ids + 1] - starts
+        # Entry j of row i sits at starts[i] + j: each row's offsets, then 0, 1, ... within it.
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return np.unique(self._doc_ids[np.repeat(starts, counts) + within])
 
     def ids_of_domain(self, name: str) -> np.ndarray:
         """The row ids of domain `name`."""
@@ -128,7 +148,8 @@ def pool_key(config) -> str:
         tokenizer = ["bpe", config.model.vocab_size, tokenizer_lib.MAX_TRAIN_CHARS]
     seed = config.seed if d.source == "synthetic" else None
     parts = dict(format=FORMAT_VERSION, source=sources.source_fingerprint(d, seed=seed),
-                 seq_len=d.seq_len, heldout_fraction=d.heldout_fraction, tokenizer=tokenizer)
+                 seq_len=d.seq_len, heldout_fraction=d.heldout_fraction,
+                 heldout_groups=d.heldout_groups, packing=d.packing, tokenizer=tokenizer)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -155,10 +176,17 @@ class Splitter:
         return heldout
 
 
-def unit_hash(doc_id: int) -> float:
-    """A uniform number in [0, 1) that depends only on `doc_id`."""
-    digest = hashlib.blake2b(int(doc_id).to_bytes(8, "little", signed=True), digest_size=8)
+def unit_hash(doc_id: int, salt: bytes = b"") -> float:
+    """A uniform number in [0, 1) that depends only on `doc_id` (and `salt`: another stream)."""
+    digest = hashlib.blake2b(int(doc_id).to_bytes(8, "little", signed=True), digest_size=8,
+                             salt=salt)
     return int.from_bytes(digest.digest(), "little") / 2.0**64
+
+
+def heldout_group(doc_id: int, num_groups: int) -> int:
+    """The held-out document group (of `num_groups`) of a document: a hash of its id
+    independent of the train / held-out one."""
+    return int(unit_hash(doc_id, b"groups") * num_groups)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,15 +277,16 @@ class _SplitWriter:
         self.folder, self.seq_len = folder, seq_len
         folder.mkdir(parents=True)
         self._raw = {name: (folder / f"{name}.bin").open("wb") for name in ("tokens", "segments")}
-        self._meta: dict[str, list[np.ndarray]] = {"domains": [], "labels": [],
+        self._meta: dict[str, list[np.ndarray]] = {"domains": [], "labels": [], "groups": [],
                                                    "doc_counts": [], "doc_ids": []}
         self.rows = 0
 
-    def write(self, rows: Rows, domain: int) -> None:
+    def write(self, rows: Rows, domain: int, group: int) -> None:
         self._raw["tokens"].write(rows.tokens.tobytes())
         self._raw["segments"].write(rows.segments.tobytes())
         n = len(rows.tokens)
         self._meta["domains"].append(np.full(n, domain, np.int32))
+        self._meta["groups"].append(np.full(n, group, np.int32))
         self._meta["labels"].append(rows.labels)
         self._meta["doc_counts"].append(rows.doc_counts)
         self._meta["doc_ids"].append(rows.doc_ids)
@@ -281,6 +310,7 @@ class _SplitWriter:
                 for k, v in self._meta.items()}
         np.save(self.folder / "domains.npy", meta["domains"].astype(np.int32))
         np.save(self.folder / "labels.npy", meta["labels"].astype(np.int32))
+        np.save(self.folder / "groups.npy", meta["groups"].astype(np.int32))
         offsets = np.concatenate([[0], np.cumsum(meta["doc_counts"])]).astype(np.int64)
         np.save(self.folder / "doc_offsets.npy", offsets)
         np.save(self.folder / "doc_ids.npy", meta["doc_ids"].astype(np.int64))
@@ -310,6 +340,8 @@ def _build(config, folder: Path) -> None:
         skipped: collections.Counter = collections.Counter()
         docs = sources.read_documents(d, skipped, seed=seed)
         stats = _pack(docs, tok, d, tmp)
+        np.save(tmp / "near_duplicates.npy", np.asarray(stats.near_duplicates, np.int64)
+                .reshape(-1, 2))
         _write_reports(tmp, stats, skipped, d, tok, key=folder.name, seconds=time.time() - start)
         try:
             os.rename(tmp, folder)
@@ -328,24 +360,27 @@ class _BuildStats:
     # split -> domain -> {"documents", "tokens", "sequences"}; split -> label -> sequences.
     per_domain: dict[str, dict[str, collections.Counter]]
     per_label: dict[str, collections.Counter]
+    near_duplicates: list[tuple[int, int]]  # (original, copy) document ids.
 
 
 def _pack(docs: Iterable[sources.Document], tok, d, folder: Path) -> _BuildStats:
-    """Tokenizes documents in batches and packs them per (split, domain) into the split writers."""
+    """Tokenizes documents in batches and packs them per (split, domain, held-out group) into the
+    split writers."""
     eos = tokenizer_lib.eos_id(tok)
     domains: dict[str, int] = {}
     labels: dict[str, int] = {}
     writers = {split: _SplitWriter(folder / split, d.seq_len) for split in SPLITS}
-    packers: dict[tuple[str, str], DomainPacker] = {}
+    packers: dict[tuple[str, str, int], DomainPacker] = {}
     per_domain = {s: collections.defaultdict(collections.Counter) for s in SPLITS}
     per_label = {s: collections.Counter() for s in SPLITS}
     splitter = Splitter(d.heldout_fraction)
     documents_read = 0
+    near_duplicates = []
 
-    def emit(split: str, domain: str, rows: Rows | None) -> None:
+    def emit(split: str, domain: str, group: int, rows: Rows | None) -> None:
         if rows is None:
             return
-        writers[split].write(rows, domains[domain])
+        writers[split].write(rows, domains[domain], group)
         per_domain[split][domain]["sequences"] += len(rows.tokens)
         label_names = list(labels)
         per_label[split].update(label_names[k] for k in rows.labels)
@@ -355,24 +390,30 @@ def _pack(docs: Iterable[sources.Document], tok, d, folder: Path) -> _BuildStats
         encodings = tok.encode_batch_fast([doc.text for doc in batch], add_special_tokens=False)
         for doc, encoding in zip(batch, encodings, strict=True):
             split = "heldout" if splitter.is_heldout(doc) else "train"
+            group = heldout_group(doc.doc_id, d.heldout_groups) if split == "heldout" else 0
             domains.setdefault(doc.domain, len(domains))
             labels.setdefault(doc.label, len(labels))
             tokens = np.asarray(encoding.ids + [eos], np.int32)
-            packer = packers.setdefault((split, doc.domain), DomainPacker(d.seq_len))
+            packer = packers.setdefault((split, doc.domain, group), DomainPacker(d.seq_len))
+            if d.packing == "document" and packer.pending:  # Each document starts a row.
+                emit(split, doc.domain, group, packer.pop_rows(final=True))
             packer.add(tokens, doc.doc_id, labels[doc.label])
+            if doc.copy_of >= 0:
+                near_duplicates.append((doc.copy_of, doc.doc_id))
             counts = per_domain[split][doc.domain]
             counts["documents"] += 1
             counts["tokens"] += len(tokens)
             if packer.pending >= _FLUSH_TOKENS:
-                emit(split, doc.domain, packer.pop_rows(final=False))
+                emit(split, doc.domain, group, packer.pop_rows(final=False))
         documents_read += len(batch)
         progress.update(len(batch))
     progress.close()
-    for (split, domain), packer in packers.items():
-        emit(split, domain, packer.pop_rows(final=True))
+    for (split, domain, group), packer in packers.items():
+        emit(split, domain, group, packer.pop_rows(final=True))
     for writer in writers.values():
         writer.finalize()
-    return _BuildStats(list(domains), list(labels), documents_read, per_domain, per_label)
+    return _BuildStats(list(domains), list(labels), documents_read, per_domain, per_label,
+                       near_duplicates)
 
 
 def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -402,6 +443,8 @@ def _write_reports(folder: Path, stats: _BuildStats, skipped: collections.Counte
             label_sequences={name: int(stats.per_label[split][name])
                              for name in stats.label_names},
             seq_len=d.seq_len, heldout_fraction=d.heldout_fraction,
+            heldout_groups=d.heldout_groups, packing=d.packing,
+            near_duplicate_pairs=len(stats.near_duplicates),
             tokenizer=d.tokenizer or "trained byte-level BPE",
             tokenizer_hash=tokenizer_lib.tokenizer_hash(tok),
             vocab_size=tok.get_vocab_size(with_added_tokens=True),

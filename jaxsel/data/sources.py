@@ -50,12 +50,15 @@ CORPUS_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class Document:
     """One document. `doc_id` is stable for the same source; `label` is "" unless the source
-    knows a ground truth (the synthetic corpus: "clean", "near_duplicate", "junk")."""
+    knows a ground truth (the synthetic corpus: "clean", "near_duplicate", "junk"), and
+    `copy_of` is -1 unless the source knows the document is a near-duplicate of another (the
+    synthetic corpus: the id of the document it copies)."""
 
     doc_id: int
     text: str
     domain: str
     label: str = ""
+    copy_of: int = -1
 
 
 class _Skip(Exception):
@@ -556,7 +559,8 @@ def synthetic_documents(seed: int, docs_per_domain: int, seq_len: int) -> Iterat
     template, so their token statistics are clearly different. Each has `docs_per_domain`
     documents of 65-95% of a `seq_len` sequence (in tokens, roughly). A tenth of them (at least
     one) are near-duplicates: a copy of another document of the domain with ~5% of its words
-    changed, label "near_duplicate", placed at a random position in the domain. All other
+    changed, label "near_duplicate", `copy_of` the id of the document it copies, placed at a
+    random position in the domain. All other
     documents, the originals included, are "clean". The `junk` domain holds
     `docs_per_domain // 4` (at least one) junk documents, label "junk": alternately random
     character soup and one short unit repeated.
@@ -566,8 +570,9 @@ def synthetic_documents(seed: int, docs_per_domain: int, seq_len: int) -> Iterat
     doc_id = 0
     for index, spec in enumerate(SYNTHETIC_DOMAINS):
         rng = np.random.default_rng([seed, index])
-        for text, label in _synthetic_domain_docs(spec, rng, docs_per_domain, seq_len):
-            yield Document(doc_id, text, spec.name, label)
+        first = doc_id
+        for text, label, copy_of in _synthetic_domain_docs(spec, rng, docs_per_domain, seq_len):
+            yield Document(doc_id, text, spec.name, label, -1 if copy_of < 0 else first + copy_of)
             doc_id += 1
     rng = np.random.default_rng([seed, len(SYNTHETIC_DOMAINS)])
     for i in range(max(1, docs_per_domain // 4)):
@@ -582,7 +587,9 @@ def _doc_fraction(rng: np.random.Generator) -> float:
 
 
 def _synthetic_domain_docs(spec: _SyntheticDomain, rng: np.random.Generator, n_docs: int,
-                           seq_len: int) -> list[tuple[str, str]]:
+                           seq_len: int) -> list[tuple[str, str, int]]:
+    """`(text, label, copy_of)` in the domain's order; `copy_of` is the position (in that order)
+    of the document a near-duplicate copies, -1 for the others."""
     vocab = _pseudo_words(spec.alphabet, spec.vocab_size, rng)
     probs = 1.0 / np.arange(1, len(vocab) + 1) ** spec.zipf
     probs /= probs.sum()
@@ -594,8 +601,12 @@ def _synthetic_domain_docs(spec: _SyntheticDomain, rng: np.random.Generator, n_d
         clean.append(_render(spec.template, words, rng))
     originals = rng.choice(len(clean), size=min(n_dups, len(clean)), replace=False)
     dups = [_perturb(clean[i], vocab, rng) for i in originals]
-    docs = [(t, CLEAN) for t in clean] + [(t, NEAR_DUPLICATE) for t in dups]
-    return [docs[i] for i in rng.permutation(len(docs))]
+    docs = [(t, CLEAN, -1) for t in clean] + [
+        (t, NEAR_DUPLICATE, int(i)) for t, i in zip(dups, originals, strict=True)]
+    order = rng.permutation(len(docs))
+    position = np.argsort(order)  # position[j]: where docs[j] lands.
+    return [(text, label, -1 if source < 0 else int(position[source]))
+            for text, label, source in (docs[j] for j in order)]
 
 
 def _pseudo_words(alphabet: str, n: int, rng: np.random.Generator) -> list[str]:

@@ -370,16 +370,40 @@ def load_encoder(
     )
 
 
-def tokenize(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> `(ids_NxL int32, lengths_N int32)`, `L = encoder.max_length`, right-padded with
-    `encoder.pad_id`; each sequence is truncated at `max_length` tokens, special tokens included."""
-    encodings = encoder.tokenizer.encode_batch(texts)
-    ids_NxL = np.full((len(texts), encoder.max_length), encoder.pad_id, np.int32)
+def tokenize(encoder: Encoder, texts: list[str], max_tokens: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> `(ids_NxL int32, lengths_N int32)`, `L = max_tokens` (default
+    `encoder.max_length`), right-padded with `encoder.pad_id`; each sequence is truncated at `L`
+    tokens, special tokens included. `max_tokens` may exceed the encoder's positions: a model that
+    reads a sequence in windows of `max_length` (`influence_model`) takes such inputs."""
+    max_tokens = encoder.max_length if max_tokens is None else max_tokens
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    tokenizer = (encoder.tokenizer if max_tokens == encoder.max_length
+                 else _truncating(encoder.tokenizer.to_str(), max_tokens))
+    encodings = tokenizer.encode_batch(texts)
+    ids_NxL = np.full((len(texts), max_tokens), encoder.pad_id, np.int32)
     lengths_N = np.zeros(len(texts), np.int32)
     for row, encoding in enumerate(encodings):
         ids_NxL[row, : len(encoding.ids)] = encoding.ids
         lengths_N[row] = len(encoding.ids)
     return ids_NxL, lengths_N
+
+
+@functools.cache
+def _truncating(tokenizer_json: str, max_tokens: int) -> tokenizers.Tokenizer:
+    """A copy of a tokenizer that truncates at `max_tokens`."""
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    tokenizer.enable_truncation(max_tokens)
+    return tokenizer
+
+
+def matmul_flops_per_token(config: EncoderConfig, length: int) -> int:
+    """Forward matmul FLOPs per token of a `length`-token input: projections, attention scores
+    and values, the feed-forward layers (the embedding lookup costs none)."""
+    d = config.hidden_size
+    per_layer = 2 * (4 * d * d) + 2 * (2 * length * d) + 2 * (2 * d * config.intermediate_size)
+    return config.num_layers * per_layer
 
 
 @functools.cache

@@ -1,0 +1,175 @@
+"""The selectors a data-selection study compares, each picking k of one set of candidates (pool
+rows) with one seed model, and the artifacts they are computed from, each written once into a
+folder and reused (a killed run resumes where it was).
+
+`Candidates` holds what the selectors share: the candidates' pool ids, the seed model's train
+state, the target items (the `target` role only: no selector reads `target_eval` or `eval`
+rows), the encoder, and the cached artifacts (per-sequence losses, first-order influence,
+encoder inputs and embeddings, near-duplicates, clusters, MATES' predictions). `pick(candidates,
+name, k, seed)` returns the selector's `select.Selection` of pool ids.
+
+- `random`: uniform without replacement;
+- `low_loss`: the lowest mean token loss under the seed model (perplexity filtering);
+- `semdedup`: near-duplicates of the encoder embeddings removed (`select.dedup`), then uniform;
+- `nearest`: the most similar to any target item (encoder embeddings; DSIR-like matching);
+- `cluster_stratified`: uniform within balanced k-means clusters, spread evenly over them;
+- `diverse` (Sam et al. 2025): one representative per cluster of an average-linkage threshold
+  clustering cut at k clusters (`select.threshold_diverse`);
+- `first_order`: the lowest first-order influence on the target items from the seed state;
+- `mates` (Yu et al. 2024): oracle -> data influence model -> Gumbel-top-k (`jaxsel.mates`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import ml_collections
+import numpy as np
+
+from jaxsel import cluster, embed, mates, probe, report, select
+from jaxsel import config as config_lib
+from jaxsel.data import tokenizer as tokenizer_lib
+from jaxsel.model import encoder as encoder_lib
+
+NAMES = ("random", "low_loss", "semdedup", "nearest", "cluster_stratified", "diverse",
+         "first_order", "mates")
+ENCODER_NAMES = ("semdedup", "nearest", "cluster_stratified", "diverse", "mates")
+# Separate random streams of the study's seed.
+_KMEANS, _PROBES, _FIT = range(3)
+
+
+class Candidates:
+    """The candidates (sorted pool ids) of one study and what its selectors compute from them,
+    cached under `folder` (`candidates/` for shared artifacts, `arms/<name>/` for one arm's).
+
+    `section` holds the selectors' settings (`eval_batch_size`, `dedup_threshold`, `clusters`,
+    `encoder`, `encoder_max_length`, `encoder_windows`, `probe_size`, `probe_chunk`, `fit_*`,
+    `predict_batch_size`); `state_fn()` gives the seed model's train state; `reference` is the
+    target items (`runs.Data.items["target"]`).
+    """
+
+    def __init__(self, folder: str, section: ml_collections.ConfigDict, pool, ids: np.ndarray,
+                 trainer, state_fn, reference: probe.Reference, seed: int,
+                 progress: bool = True):
+        self.folder, self.section, self.pool, self.ids = folder, section, pool, ids
+        self.trainer, self.state_fn, self.reference = trainer, state_fn, reference
+        self.seed, self.progress = seed, progress
+        self.prober = probe.Prober(trainer, chunk_size=section.probe_chunk,
+                                   reference_batch_size=section.eval_batch_size)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    @functools.cached_property
+    def encoder(self) -> encoder_lib.Encoder:
+        return encoder_lib.load_encoder(self.section.encoder or None,
+                                        self.section.encoder_max_length)
+
+    def losses(self) -> np.ndarray:
+        """Each candidate's mean token loss under the seed model."""
+        return report.cached_npz(self.path("arms", "low_loss", "losses.npz"), lambda: {
+            "ids": self.ids, "losses": probe.pool_losses(
+                self.trainer, self.state_fn().params, self.pool, self.section.eval_batch_size,
+                self.ids, self.progress)})["losses"]
+
+    def first_order(self) -> np.ndarray:
+        """Each candidate's first-order influence on the target items from the seed state."""
+        return report.cached_npz(self.path("arms", "first_order", "influence.npz"), lambda: {
+            "ids": self.ids, "influence": self.prober.first_order_influence(
+                self.state_fn(), self.pool.rows(self.ids), self.reference,
+                self.progress)})["influence"]
+
+    def encoder_inputs(self) -> dict[str, np.ndarray]:
+        """The candidates decoded and tokenised for the encoder, `encoder_windows` windows long:
+        `ids`, `lengths`."""
+        return report.cached_npz(self.path("candidates", "encoder_inputs.npz"), lambda: (
+            self._encoder_inputs(self.pool.rows(self.ids), mates.encoder_tokens(self.section))))
+
+    def _encoder_inputs(self, rows, max_tokens: int) -> dict[str, np.ndarray]:
+        ids, lengths = embed.encoder_inputs(
+            self.encoder, rows["tokens"], rows["segments"],
+            tokenizer_lib.load_tokenizer(self.pool.tokenizer_path), progress=self.progress,
+            max_tokens=max_tokens)
+        return {"ids": ids, "lengths": lengths}
+
+    def embeddings(self) -> dict[str, np.ndarray]:
+        """Encoder embeddings (one window) of the candidates (`candidates`, aligned with `ids`)
+        and of the target items' rows (`target`)."""
+        def compute():
+            window, batch = self.section.encoder_max_length, self.section.eval_batch_size
+            inputs = self.encoder_inputs()
+            lengths = np.minimum(inputs["lengths"], window)
+            target = self._encoder_inputs({"tokens": np.asarray(self.reference.tokens_RxL),
+                                           "segments": np.asarray(self.reference.segments_RxL)},
+                                          window)
+            return {"ids": self.ids,
+                    "candidates": embed.encoder_embed(self.encoder, inputs["ids"][:, :window],
+                                                      lengths, batch, progress=self.progress),
+                    "target": embed.encoder_embed(self.encoder, target["ids"], target["lengths"],
+                                                  batch, progress=False)}
+
+        return report.cached_npz(self.path("candidates", "embeddings.npz"), compute)
+
+    def kept(self) -> np.ndarray:
+        """The candidate positions `select.dedup` keeps at `dedup_threshold`."""
+        return report.cached_npz(self.path("arms", "semdedup", "kept.npz"), lambda: {
+            "kept": select.dedup(self.embeddings()["candidates"],
+                                 self.section.dedup_threshold)})["kept"]
+
+    def clusters(self) -> np.ndarray:
+        """Balanced k-means clusters (`section.clusters`) of the L2-normalised embeddings."""
+        return report.cached_npz(self.path("arms", "cluster_stratified", "clusters.npz"), lambda: {
+            "ids": self.ids, "clusters": cluster.balanced_kmeans(
+                embed.l2_normalize(self.embeddings()["candidates"]), self.section.clusters,
+                seed=config_lib.stream_seed(self.seed, _KMEANS)).assignments_N})["clusters"]
+
+    def mates(self) -> tuple[np.ndarray, dict]:
+        """MATES' scores of every candidate from the seed state (`mates.predicted_influence`)."""
+        return mates.predicted_influence(
+            self.path("arms", "mates"), self.section, self.prober, self.encoder, self.state_fn,
+            self.pool, self.ids, self.encoder_inputs(), self.reference,
+            config_lib.stream_seed(self.seed, _PROBES), config_lib.stream_seed(self.seed, _FIT))
+
+
+def pick(candidates: Candidates, name: str, k: int, seed: int) -> select.Selection:
+    """Selector `name`'s k candidates as a `select.Selection` of pool ids (`params` records the
+    selector's settings and `selector`, `candidates`)."""
+    if name not in NAMES:
+        raise ValueError(f"selector {name!r} is not one of {', '.join(NAMES)}")
+    c, n = candidates, len(candidates.ids)
+    chosen = _PICKERS[name](c, k, seed)
+    return select.Selection(c.ids[chosen.ids], chosen.method, len(c.pool),
+                            {**chosen.params, "selector": name, "candidates": n}, chosen.scores)
+
+
+def _semdedup(c: Candidates, k: int, seed: int) -> select.Selection:
+    kept = c.kept()
+    config_lib.check(k <= len(kept), "compare.select_size",
+                     f"{k} exceeds the {len(kept)} candidates semdedup keeps at "
+                     f"compare.dedup_threshold={c.section.dedup_threshold}")
+    drawn = select.random_ids(len(kept), k, seed)
+    return select.Selection(kept[drawn.ids], "dedup_random", len(c.ids),
+                            dict(drawn.params, threshold=c.section.dedup_threshold,
+                                 kept=len(kept)))
+
+
+def _mates(c: Candidates, k: int, seed: int) -> select.Selection:
+    scores, info = c.mates()
+    chosen = select.gumbel_top_k(scores, k, seed, c.section.temperature)
+    return select.Selection(chosen.ids, chosen.method, len(c.ids), dict(
+        chosen.params, val_spearman=info["val_spearman"], probe_size=info["probe_size"]),
+        chosen.scores)
+
+
+_PICKERS = {
+    "random": lambda c, k, seed: select.random_ids(len(c.ids), k, seed),
+    "low_loss": lambda c, k, seed: select.top_k(c.losses(), k),
+    "semdedup": _semdedup,
+    "nearest": lambda c, k, seed: select.nearest_to_target(
+        c.embeddings()["candidates"], c.embeddings()["target"], k),
+    "cluster_stratified": lambda c, k, seed: select.cluster_stratified(c.clusters(), k, seed),
+    "diverse": lambda c, k, seed: select.threshold_diverse(c.embeddings()["candidates"], k),
+    "first_order": lambda c, k, seed: select.top_k(c.first_order(), k),
+    "mates": _mates,
+}
