@@ -1,9 +1,17 @@
 """What the end-to-end experiment tests share: a tiny LM for the synthetic corpus' 32-token rows,
-and running an experiment's command line on its `tiny` config."""
+running an experiment's command line on its `tiny` config, running one in process while
+recording which pool rows a phase of it reads, and a cloze loss computed by hand."""
 
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+import scipy.special
+
+from experiments import launch
+from jaxsel.data import pool as pool_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The zero-shot suite's windows follow data.seq_len; 8 items per held-out domain.
@@ -28,3 +36,43 @@ def run(name: str, workdir, overrides: dict, timeout: int = 900) -> None:
          f"--config=experiments/configs/{name}.py:tiny", f"--workdir={workdir}",
          *(f"--config.{k}={v}" for k, v in overrides.items())],
         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=timeout)
+
+
+def run_recording_reads(module, config, workdir, figures: dict, phase_method: str):
+    """`launch.run_experiment` of experiment `module` in process, recording every
+    `Pool.rows` call made while `module.Experiment.<phase_method>` runs: returns (result,
+    reads), each read `(split, phase, ids)` with the phase the method's arguments."""
+    reads, phase = [], []
+    rows, method = pool_lib.Pool.rows, getattr(module.Experiment, phase_method)
+
+    def recording_rows(pool, ids):
+        if phase:
+            reads.append((pool.path.name, phase[-1], np.asarray(ids).copy()))
+        return rows(pool, ids)
+
+    def recording_method(experiment, *args):
+        phase.append(args[0] if len(args) == 1 else args)
+        try:
+            return method(experiment, *args)
+        finally:
+            phase.pop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pool_lib.Pool, "rows", recording_rows)
+        patch.setattr(module.Experiment, phase_method, recording_method)
+        result = launch.run_experiment(config, str(workdir), module.validate, module.run,
+                                       module.to_markdown, figures)
+    return result, reads
+
+
+def cloze_loss(model, params, items) -> float:
+    """The weighted mean next-token loss of cloze items from full logits, by hand."""
+    total = weight = 0.0
+    for r in range(len(items.tokens_RxL)):
+        tokens = np.asarray(items.tokens_RxL[r:r + 1])
+        logits = model.apply(params, tokens, np.asarray(items.segments_RxL[r:r + 1]))
+        logp = scipy.special.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        for t, w in zip(items.positions_RxK[r], items.weights_RxK[r], strict=True):
+            total -= w * logp[t, tokens[0, t + 1]]
+            weight += w
+    return total / weight

@@ -11,14 +11,11 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-import scipy.special
 
 from experiments import compare_selectors as cmp
-from experiments import launch
 from experiments.configs import compare_selectors as cmp_config
 from jaxsel import checkpoint, probe, report, runs, select, selectors, train
 from jaxsel import config as config_lib
-from jaxsel.data import pool as pool_lib
 from tests import experiment_runs as runs_lib
 
 # The synthetic corpus with one document per row (document packing, 64-token rows, a BPE of
@@ -49,27 +46,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     workdir, cache = tmp / "run", tmp / "cache"
     config = _config(**{"data.cache_dir": str(cache)})
-    reads, phase = [], []
-    rows, selection = pool_lib.Pool.rows, cmp.Experiment.selection
-
-    def recording_rows(pool, ids):
-        if phase:
-            reads.append((pool.path.name, phase[-1], np.asarray(ids).copy()))
-        return rows(pool, ids)
-
-    def recording_selection(experiment, name):
-        phase.append(name)
-        try:
-            return selection(experiment, name)
-        finally:
-            phase.pop()
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pool_lib.Pool, "rows", recording_rows)
-        patch.setattr(cmp.Experiment, "selection", recording_selection)
-        result = launch.run_experiment(config, str(workdir), cmp.validate, cmp.run,
-                                       cmp.to_markdown,
-                                       {"target_eval_loss.png": cmp.plot_target_eval_loss})
+    result, reads = runs_lib.run_recording_reads(
+        cmp, config, workdir, {"target_eval_loss.png": cmp.plot_target_eval_loss}, "selection")
     data = runs.load_data(config)
     return dict(workdir=workdir, cache=cache, config=config, data=data, reads=reads,
                 ids=cmp.split_ids(config, len(data.train_pool)), result=result)
@@ -280,19 +258,6 @@ def test_diversity_selectors_cover_every_domain(tiny_run):
 # The report, recomputed.
 
 
-def _cloze_loss(model, params, items) -> float:
-    """The weighted mean next-token loss of cloze items from full logits, by hand."""
-    total = weight = 0.0
-    for r in range(len(items.tokens_RxL)):
-        tokens = np.asarray(items.tokens_RxL[r:r + 1])
-        logits = model.apply(params, tokens, np.asarray(items.segments_RxL[r:r + 1]))
-        logp = scipy.special.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
-        for t, w in zip(items.positions_RxK[r], items.weights_RxK[r], strict=True):
-            total -= w * logp[t, tokens[0, t + 1]]
-            weight += w
-    return total / weight
-
-
 def test_report_numbers_recomputed_from_models_and_picks(tiny_run):
     workdir, result, data = tiny_run["workdir"], tiny_run["result"], tiny_run["data"]
     config, pool = tiny_run["config"], data.train_pool
@@ -303,7 +268,7 @@ def test_report_numbers_recomputed_from_models_and_picks(tiny_run):
     for name in ("random", "nearest"):
         params = checkpoint.load_params(str(workdir / "arms" / name), trainer.abstract_params())
         assert result["arms"][name]["target_eval_loss"] == pytest.approx(
-            _cloze_loss(trainer.model, jax.device_get(params), items), rel=2e-4)
+            runs_lib.cloze_loss(trainer.model, jax.device_get(params), items), rel=2e-4)
     # The ranking and the gains follow the recomputed losses; the report says so in words.
     losses = {a: result["arms"][a]["target_eval_loss"] for a in result["arms"]}
     assert result["ranking"][0] == min(losses, key=losses.get)

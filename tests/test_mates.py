@@ -11,13 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.special
 
-from experiments import launch, mates
+from experiments import mates
 from experiments.configs import mates as mates_config
 from jaxsel import checkpoint, probe, report, runs, select, train
 from jaxsel import config as config_lib
-from jaxsel.data import pool as pool_lib
 from jaxsel.model import encoder as encoder_lib
 from tests import experiment_runs as runs_lib
 
@@ -46,26 +44,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mates")
     workdir, cache = tmp / "run", tmp / "cache"
     config = _config(cache)
-    reads, phase = [], []
-    rows, selection = pool_lib.Pool.rows, mates.Experiment.selection
-
-    def recording_rows(pool, ids):
-        if phase:
-            reads.append((pool.path.name, phase[-1], np.asarray(ids).copy()))
-        return rows(pool, ids)
-
-    def recording_selection(experiment, arm, stage):
-        phase.append((arm, stage))
-        try:
-            return selection(experiment, arm, stage)
-        finally:
-            phase.pop()
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pool_lib.Pool, "rows", recording_rows)
-        patch.setattr(mates.Experiment, "selection", recording_selection)
-        result = launch.run_experiment(config, str(workdir), mates.validate, mates.run,
-                                       mates.to_markdown, {"stages.png": mates.plot_stages})
+    result, reads = runs_lib.run_recording_reads(
+        mates, config, workdir, {"stages.png": mates.plot_stages}, "selection")
     data = runs.load_data(config)
     return dict(workdir=workdir, cache=cache, config=config, data=data, reads=reads,
                 result=result, candidates=mates.stage_candidates(config, len(data.train_pool)))
@@ -161,26 +141,13 @@ def test_each_probe_state_carries_its_stage_step_and_learning_rate(tiny_run):
         assert int(state.step) == stage * STAGE_STEPS
         assert float(trainer.schedule(int(state.step))) == pytest.approx(config.optim.lr)
         oracle = np.load(workdir / f"stages/{stage}-mates/oracle.npz")
-        before = _cloze_loss(trainer.model, jax.device_get(state.params), items)
+        before = runs_lib.cloze_loss(trainer.model, jax.device_get(state.params), items)
         for i in (0, 1):
             row = data.train_pool.rows(oracle["ids"][i:i + 1])
             batch = {k: jnp.asarray(v) for k, v in row.items()}
             stepped, _ = train.train_step(state, batch, trainer.model, trainer.tx)
-            after = _cloze_loss(trainer.model, jax.device_get(stepped.params), items)
+            after = runs_lib.cloze_loss(trainer.model, jax.device_get(stepped.params), items)
             assert oracle["influence"][i] == pytest.approx(after - before, rel=2e-3, abs=2e-6)
-
-
-def _cloze_loss(model, params, items) -> float:
-    """The weighted mean next-token loss of cloze items from full logits, by hand."""
-    total = weight = 0.0
-    for r in range(len(items.tokens_RxL)):
-        tokens = np.asarray(items.tokens_RxL[r:r + 1])
-        logits = model.apply(params, tokens, np.asarray(items.segments_RxL[r:r + 1]))
-        logp = scipy.special.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
-        for t, w in zip(items.positions_RxK[r], items.weights_RxK[r], strict=True):
-            total -= w * logp[t, tokens[0, t + 1]]
-            weight += w
-    return total / weight
 
 
 def test_selection_reads_no_target_eval_or_eval_row(tiny_run):
@@ -205,7 +172,7 @@ def test_report_recomputed_from_the_saved_models(tiny_run):
     for arm in mates.ARMS:  # The final model is the last stage's decayed copy.
         folder = mates.stage_dir(str(workdir), arm, 2) + "/decayed"
         params = checkpoint.load_params(folder, trainer.abstract_params())
-        finals[arm] = _cloze_loss(trainer.model, jax.device_get(params), items)
+        finals[arm] = runs_lib.cloze_loss(trainer.model, jax.device_get(params), items)
         assert result["final"][arm]["target_eval_loss"] == pytest.approx(finals[arm], rel=2e-4)
     assert result["target_eval_loss_gain"] == pytest.approx(finals["random"] - finals["mates"],
                                                             abs=1e-3)
