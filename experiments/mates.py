@@ -22,10 +22,11 @@ of a plain top-k on the oracle labels, the influence model's validation Spearman
 share of the pick) and the run its selection overhead against training, in FLOPs and seconds.
 
 Writes into --workdir: config.json, report.json, report.md, stages.png, and `stages/<s>-<arm>/`
-(stage 0: `stages/0`) holding the stage's training run, `selection.json`, for MATES the
-selection step's artifacts (`jaxsel.mates`) and `encoder_inputs.npz`, its decayed copy
-(`decayed/`) and `model.json` marking each finished. Every artifact is written once and reused,
-so a killed run resumes where it was.
+(stage 0: `stages/0`) holding the stage's `selection.json`, for MATES the selection step's
+artifacts (`jaxsel.mates`) and `encoder_inputs.npz`, and its `evaluation.json`. The stages'
+training runs and their decayed copies are models of the model pool (`runs.model`, default
+`<workdir>/models`). Every artifact is written once and reused, so a killed run resumes where
+it was.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ import numpy as np
 from absl import app, logging
 from matplotlib.figure import Figure
 
-from experiments import launch
-from jaxsel import composition, embed, mates, probe, report, runs, select, train
+from jaxsel import composition, embed, launch, mates, probe, report, runs, select, train
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -151,6 +151,8 @@ class Experiment:
         self.prober = probe.Prober(self.trainer, chunk_size=m.probe_chunk,
                                    reference_batch_size=m.eval_batch_size)
         self.encoder = encoder_lib.load_encoder(m.encoder or None, m.encoder_max_length)
+        self.models = runs.model_pool(config, workdir)
+        self._trained: dict[tuple[str, int], dict] = {}
 
     def encoder_inputs(self, stage: int) -> dict[str, np.ndarray]:
         """The stage's candidates decoded and tokenised for the influence model."""
@@ -167,10 +169,10 @@ class Experiment:
 
     def predicted_influence(self, stage: int) -> tuple[np.ndarray, dict]:
         """MATES' selection step for `stage` from the state stage - 1 left."""
-        previous = stage_dir(self.workdir, "mates", stage - 1)
+        previous = lambda: self.stage_model("mates", stage - 1)["dir"]  # noqa: E731
         return mates.predicted_influence(
             stage_dir(self.workdir, "mates", stage), self.config.mates, self.prober,
-            self.encoder, lambda: train.load_state(self.trainer, previous)[0], self.pool,
+            self.encoder, lambda: train.load_state(self.trainer, previous())[0], self.pool,
             self.candidates[stage], self.encoder_inputs(stage), self.data.items["target"],
             config_lib.stream_seed(self.config.seed, _PROBES, stage),
             config_lib.stream_seed(self.config.seed, _FIT, stage))
@@ -197,31 +199,37 @@ class Experiment:
             selection.save(path)
         return selection
 
-    def train_stage(self, arm: str, stage: int) -> dict:
-        """Trains `stage` of `arm` on its selection (once); its record holds the evaluation of
-        its decayed copy (wsd) or of its own state."""
-        folder = stage_dir(self.workdir, arm, stage)
-        previous = stage_dir(self.workdir, arm, stage - 1) if stage else ""
-        selection = self.selection(arm, stage)
-        target = self.config.roles.target_domain
-
-        def train_model():
-            c = stage_config(self.config, stage, previous)
+    def stage_model(self, arm: str, stage: int) -> dict:
+        """`stage` of `arm` trained on its selection, continuing stage - 1 (once, in the model
+        pool; stage 0 is one model for both arms)."""
+        key = ("random" if stage == 0 else arm, stage)
+        if key not in self._trained:
+            parent = self.stage_model(arm, stage - 1) if stage else None
+            selection = self.selection(arm, stage)
+            c = stage_config(self.config, stage, parent["dir"] if parent else "")
             logging.info("stage %d (%s): %d sequences, steps %d-%d", stage, arm, len(selection),
                          stage * self.stage_steps + 1, c.train.stop_at)
-            record = (runs.train_model(c, folder, self.data, selection.ids)[0] if self.wsd else
-                      runs.train_and_evaluate(c, folder, self.data, selection.ids))
-            return dict(record, stage=stage, arm=arm, selection=selection.params,
-                        composition=composition.shares(self.pool, selection.ids, target))
+            self._trained[key] = runs.model(c, self.data, selection.ids, pool=self.models,
+                                            name=f"stage {stage} ({key[0]})", parent=parent)
+        return self._trained[key]
 
-        record = runs.train_once(folder, train_model)
-        if not self.wsd:
-            return record
-        decayed = os.path.join(folder, "decayed")
-        evaluation = runs.train_once(decayed, lambda: runs.train_and_evaluate(
-            stage_config(self.config, stage, folder, decayed=True), decayed, self.data,
-            selection.ids, data_seed=config_lib.stream_seed(self.config.seed, _DECAY, stage)))
-        return {**evaluation, **record, "decayed_steps": evaluation["steps"]}
+    def train_stage(self, arm: str, stage: int) -> dict:
+        """`stage` of `arm` trained, and evaluated (once, in its stage folder) from its decayed
+        copy (wsd) or at its own state, with what its selection is made of."""
+        trained, selection = self.stage_model(arm, stage), self.selection(arm, stage)
+        evaluated = trained
+        if self.wsd:
+            evaluated = runs.model(
+                stage_config(self.config, stage, trained["dir"], decayed=True), self.data,
+                selection.ids, pool=self.models, name=f"{trained['name']} decayed",
+                parent=trained,
+                data_seed=config_lib.stream_seed(self.config.seed, _DECAY, stage))
+        evaluation = runs.evaluation(stage_config(self.config, stage), self.data, evaluated,
+                                     stage_dir(self.workdir, arm, stage))
+        return {**trained, **evaluation, "stage": stage, "arm": arm,
+                "selection": selection.params, "evaluated_dir": evaluated["dir"],
+                "composition": composition.shares(self.pool, selection.ids,
+                                                  self.config.roles.target_domain)}
 
     def selection_report(self, stage: int, record: dict) -> dict:
         """MATES' diagnostics and overhead of `stage`'s selection step (read back)."""
@@ -340,12 +348,14 @@ def plot_stages(result: dict, path: str) -> None:
     report.write_figure(path, fig)
 
 
+STUDY = launch.Study(validate, run, to_markdown, {"stages.png": plot_stages},
+                     launch.Headline(r"final\.(?P<arm>[^.]+)\.target_eval_loss",
+                                     "final target-eval loss", "final_target_eval_loss.png"))
+
+
 def main(argv):
     del argv
-    result = launch.main(validate, run, to_markdown, {"stages.png": plot_stages})
-    logging.info("final target-eval loss: mates %.4f, random %.4f",
-                 result["final"]["mates"]["target_eval_loss"],
-                 result["final"]["random"]["target_eval_loss"])
+    launch.main(STUDY)
 
 
 if __name__ == "__main__":

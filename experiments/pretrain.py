@@ -7,11 +7,10 @@ running again on the same workdir resumes.
 
 from __future__ import annotations
 
-from absl import app, logging
+from absl import app
 
-from experiments import launch
 from jaxsel import config as config_lib
-from jaxsel import report, runs, select
+from jaxsel import launch, report, runs, select
 
 
 def run(config, workdir: str) -> dict:
@@ -25,7 +24,9 @@ def run(config, workdir: str) -> dict:
                          f"{config.selection} selects from a pool of {selection.pool_size} rows; "
                          f"this train pool has {len(data.train_pool)}")
         ids = selection.ids
-    return {**runs.train_and_evaluate(config, workdir, data, ids), "splits": data.splits()}
+    record, trainer, params = runs.train_model(config, workdir, data, ids)
+    return {**record, **runs.evaluate_model(config, trainer, params, data),
+            "splits": data.splits()}
 
 
 def to_markdown(result: dict) -> str:
@@ -37,10 +38,12 @@ def to_markdown(result: dict) -> str:
             + "\n## Data\n\n" + report.splits_markdown(result["splits"]))
 
 
+STUDY = launch.Study(config_lib.validate, run, to_markdown)
+
+
 def main(argv):
     del argv
-    result = launch.main(config_lib.validate, run, to_markdown)
-    logging.info("held-out perplexity: %s", result["eval"])
+    launch.main(STUDY)
 
 
 if __name__ == "__main__":

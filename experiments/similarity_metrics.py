@@ -34,14 +34,15 @@ data when selection spreads over its clusters. This experiment measures both:
    LM is pretrained on each for `select_steps` steps and evaluated on the held-out `eval` rows.
 
 Writes into --workdir: config.json, report.json, report.md, variance_reduction.png, and
-- `loss_model/`, `embedding_model/`: the two LMs' training runs (unless `init_from`);
+- `loss_model/`, `embedding_model/`: the two LMs' `evaluation.json` (unless `init_from`);
 - `losses.npz`: the analysis sample's `ids`, `losses` (under the loss model) and `domains`;
 - `embeddings/<name>.npz`: post-processed embeddings, `analysis` [analysis_size, pca_dims] (rows
   of `losses.npz`'s ids) and, for the selection embedding, `candidates`;
 - `clusters/<name>.npz`: `k<K>`, the cluster of each sample row (`random`: the baseline);
 - `selection/clusters.npz`: the candidates' `ids`, their balanced k-means clusters (`kmeans`),
   their threshold clusters (`threshold`, the clusters `diverse` represents) and its `epsilon`;
-- `models/<arm>/`: `selection.json`, the training run, `model.json`.
+- `arms/<arm>/`: `selection.json` and its model's `evaluation.json`.
+The LMs' training runs are models of the model pool (`runs.model`, default `<workdir>/models`).
 Every artifact is written atomically once (by process 0) and reused, so a killed run resumes
 where it was. The report is drawn by `experiments.similarity_report`.
 """
@@ -55,9 +56,8 @@ import ml_collections
 import numpy as np
 from absl import app, logging
 
-from experiments import launch
 from experiments import similarity_report as report_lib
-from jaxsel import checkpoint, cluster, embed, probe, report, runs, select, stats, train
+from jaxsel import checkpoint, cluster, embed, launch, probe, report, runs, select, stats, train
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -79,19 +79,16 @@ _SPLIT, _PCA, _KMEANS, _BASELINE, _BOOTSTRAP, _SELECT_KMEANS, _SELECT = range(7)
 # Config.
 
 
-def parse_embeddings(spec: str) -> list[str]:
-    """`"encoder,ngram_hash"` -> ["encoder", "ngram_hash"]: known names, each once."""
-    return config_lib.parse_names(spec, EMBEDDINGS, "similarity.embeddings")
+def parse_embeddings(names) -> tuple[str, ...]:
+    """`similarity.embeddings`: known names, each once."""
+    return config_lib.check_names(names, EMBEDDINGS, "similarity.embeddings")
 
 
-def parse_num_clusters(spec: str) -> list[int]:
-    """`"8,32"` -> [8, 32]: distinct cluster counts K >= 2."""
-    parts = config_lib.split_list(spec)
-    config_lib.check(bool(parts) and all(p.isdigit() for p in parts), "similarity.num_clusters",
-                     f"{spec!r} is not a comma-separated list of cluster counts, e.g. 8,32")
-    ks = [int(p) for p in parts]
-    config_lib.check(min(ks) >= 2 and len(set(ks)) == len(ks), "similarity.num_clusters",
-                     f"{spec!r}: each K must be >= 2 and appear once")
+def parse_num_clusters(ks) -> tuple[int, ...]:
+    """`similarity.num_clusters`: distinct cluster counts K >= 2, e.g. (8, 32)."""
+    ks = config_lib.check_tuple(ks, int, "similarity.num_clusters")
+    config_lib.check(bool(ks) and min(ks) >= 2 and len(set(ks)) == len(ks),
+                     "similarity.num_clusters", f"{ks}: each K must be >= 2 and appear once")
     return ks
 
 
@@ -273,39 +270,45 @@ class Experiment:
             width = self.encoder.config.hidden_size
             config_lib.check(s.pca_dims <= width, "similarity.pca_dims",
                              f"{s.pca_dims} exceeds the encoder's width {width}")
-        self._params = {}
+        self.models = runs.model_pool(config, workdir)
+        self._params, self._models = {}, {}
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 
     def folder(self, role: str) -> str:
-        return self.config.similarity[role].init_from or self.path(role)
+        """Where LM `role`'s checkpoints are: its `init_from`, or its folder in the model
+        pool."""
+        return self.config.similarity[role].init_from or self.model(role)["dir"]
 
     def model(self, role: str) -> dict:
-        """What the report says of the LM `role`: its `folder`, `seed`, `steps` and train share
-        (`share_fraction`, `train_sequences`), and for one trained here (once, in `role/`) its
-        held-out evaluation; for `init_from`, the seed its folder's config.json (an experiment's
-        workdir) or model.json (a model `runs.train_once` wrote) records (None: neither) and the
-        step of its latest checkpoint."""
+        """What the report says of the LM `role`: for one trained here (once, in the model
+        pool) its training record and held-out evaluation (once, in `role/`), its `seed` and
+        train share (`share_fraction`); for `init_from`, its folder, the seed its config.json
+        (an experiment's workdir) or model.json (a model of the pool) records (None: neither)
+        and the step of its latest checkpoint."""
+        if role in self._models:
+            return self._models[role]
         m = self.config.similarity[role]
         if m.init_from:
             seed = None
-            for name in ("config.json", runs.MODEL_FILE):
-                if seed is None and os.path.exists(os.path.join(m.init_from, name)):
-                    seed = report.read_json(os.path.join(m.init_from, name)).get("seed")
+            config_path = os.path.join(m.init_from, "config.json")
+            model_path = os.path.join(m.init_from, runs.MODEL_FILE)
+            if os.path.exists(config_path):
+                seed = report.read_json(config_path).get("seed")
+            elif os.path.exists(model_path):
+                seed = report.read_json(model_path)["identity"]["seed"]
             mngr = checkpoint.manager(m.init_from, read_only=True)
             steps = mngr.latest_step()
             mngr.close()
-            return dict(folder=m.init_from, trained_here=False, seed=seed, steps=steps)
-        folder, ids = self.path(role), self.ids[role]
-
-        def train_model():
-            logging.info("%s: %d steps on %d sequences, seed %d", role, m.steps, len(ids), m.seed)
-            return runs.train_and_evaluate(
-                model_config(self.config, m.steps, m.seed), folder, self.data, ids,
-                lambda _: dict(seed=m.seed, share_fraction=m.fraction))
-
-        return dict(runs.train_once(folder, train_model), folder=role, trained_here=True)
+            record = dict(dir=m.init_from, trained_here=False, seed=seed, steps=steps)
+        else:
+            config = model_config(self.config, m.steps, m.seed)
+            trained = runs.model(config, self.data, self.ids[role], pool=self.models, name=role)
+            record = {**trained, **runs.evaluation(config, self.data, trained, self.path(role)),
+                      "trained_here": True, "seed": m.seed, "share_fraction": m.fraction}
+        self._models[role] = record
+        return record
 
     def params(self, role: str):
         """The params of LM `role` (after `model(role)` has trained it)."""
@@ -407,7 +410,7 @@ class Experiment:
 
     def selection(self, arm: str) -> select.Selection:
         """The arm's selection of `select_size` candidates (pool ids), saved once."""
-        path = self.path("models", arm, "selection.json")
+        path = self.path("arms", arm, "selection.json")
         if os.path.exists(path):
             return select.Selection.load(path)
         s, candidates = self.config.similarity, self.ids["candidates"]
@@ -432,26 +435,21 @@ class Experiment:
 
     def train_arm(self, arm: str) -> dict:
         """A fresh LM (seed `config.seed`) trained on the arm's selection for `select_steps`
-        steps (once), evaluated on the held-out `eval` rows; with the selection's domains and
-        how many threshold and k-means clusters of the candidates it covers."""
-        folder, s = self.path("models", arm), self.config.similarity
-
-        def train_model():
-            selection = self.selection(arm)
-            logging.info("model %s: %d steps on %d sequences", arm, s.select_steps,
-                         len(selection))
-            clusters = self.selection_clusters()
-            rows = np.searchsorted(clusters["ids"], selection.ids)
-            covered = {name: int(np.unique(clusters[name][rows]).size)
-                       for name in ("threshold", "kmeans")}
-            return runs.train_and_evaluate(
-                model_config(self.config, s.select_steps, self.config.seed), folder, self.data,
-                selection.ids,
-                lambda _: dict(arm=arm, method=selection.method, selection=selection.params,
-                               domains=self.train_pool.domain_counts(selection.ids),
-                               clusters_covered=covered))
-
-        return runs.train_once(folder, train_model)
+        steps (once, in the model pool), evaluated on the held-out `eval` rows (once, in
+        `arms/<arm>/`); with the selection's domains and how many threshold and k-means
+        clusters of the candidates it covers."""
+        s, selection = self.config.similarity, self.selection(arm)
+        config = model_config(self.config, s.select_steps, self.config.seed)
+        trained = runs.model(config, self.data, selection.ids, pool=self.models,
+                             name=f"arm {arm}")
+        clusters = self.selection_clusters()
+        rows = np.searchsorted(clusters["ids"], selection.ids)
+        return {**trained,
+                **runs.evaluation(config, self.data, trained, self.path("arms", arm)),
+                "arm": arm, "method": selection.method, "selection": selection.params,
+                "domains": self.train_pool.domain_counts(selection.ids),
+                "clusters_covered": {name: int(np.unique(clusters[name][rows]).size)
+                                     for name in ("threshold", "kmeans")}}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -505,12 +503,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
 
 
+STUDY = launch.Study(validate, run, report_lib.to_markdown,
+                     {"variance_reduction.png": report_lib.plot_variance_reduction},
+                     launch.Headline(r"selection\.arms\.(?P<arm>[^.]+)\.eval\.all",
+                                     "held-out perplexity", "selection_perplexity.png"))
+
+
 def main(argv):
     del argv
-    result = launch.main(validate, run, report_lib.to_markdown,
-                         {"variance_reduction.png": report_lib.plot_variance_reduction})
-    logging.info("held-out perplexity (all): %s", {
-        arm: round(r["eval"]["all"], 3) for arm, r in result["selection"]["arms"].items()})
+    launch.main(STUDY)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ def _models_markdown(models: dict) -> str:
         held_out = m["eval"]["all"] if "eval" in m else "-"
         share = (f"{m['train_sequences']} ({m['share_fraction']:.0%} of the pool)"
                  if m["trained_here"] else "its own run's")
-        rows.append((role.replace("_", " "), f"`{m['folder']}`", m["seed"], m["steps"], share,
+        rows.append((role.replace("_", " "), f"`{m['dir']}`", m["seed"], m["steps"], share,
                      held_out))
     if "embedding_model" not in models:
         relation = "No LM embedding is measured, so no embedding model is used."
-    elif models["embedding_model"]["folder"] == models["loss_model"]["folder"]:
+    elif models["embedding_model"]["dir"] == models["loss_model"]["dir"]:
         relation = ("The embeddings and the losses come from the **same** model: the LM "
                     "embeddings' rows are circular.")
     else:

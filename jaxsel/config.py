@@ -12,12 +12,12 @@ impossible values are refused by `validate`, which names the key. Both happen be
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import ml_collections
 import numpy as np
+from ml_collections.config_flags import tuple_parser
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Runs every experiment on the embedded corpus on 2 CPU cores in minutes.
@@ -69,20 +69,26 @@ def stream_seed(seed: int, *streams: int) -> int:
     return int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0] >> 1)
 
 
-def split_list(spec: str) -> list[str]:
-    """`" a, b,"` -> ["a", "b"]: the non-empty items of a comma-separated config value."""
-    return [item.strip() for item in spec.split(",") if item.strip()]
-
-
-def parse_names(spec: str, choices, key: str) -> list[str]:
-    """`"a,b"` -> ["a", "b"]: names from `choices`, each once; otherwise a ConfigError naming
-    `key` (e.g. a comma-separated list of selectors or embeddings)."""
-    names = split_list(spec)
-    check(bool(names), key, f"names nothing; choose from {', '.join(choices)}")
+def check_names(names, choices, key: str, allow_empty: bool = False) -> tuple[str, ...]:
+    """`names` (a config tuple) as a tuple of distinct names from `choices`; otherwise a
+    ConfigError naming `key`. On the command line a tuple of strings is written as a Python
+    literal, `--config.compare.selectors="('random', 'mates')"`, or by repeating the flag."""
+    names = check_tuple(names, str, key)
+    hint = (f"; on the command line write a tuple of strings, --config.{key}=\"('a', 'b')\", "
+            "or repeat the flag")
+    check(allow_empty or bool(names), key, f"names nothing; choose from {', '.join(choices)}")
     for name in names:
-        check(name in choices, key, f"{name!r} is not one of {', '.join(choices)}")
-    check(len(set(names)) == len(names), key, f"{spec!r} names one twice")
+        check(name in choices, key, f"{name!r} is not one of {', '.join(choices)}"
+              + (hint if "," in name else ""))
+    check(len(set(names)) == len(names), key, f"{names} names one twice")
     return names
+
+
+def check_tuple(values, kind: type, key: str) -> tuple:
+    """`values` checked to be a tuple (or list) of `kind`; a ConfigError naming `key` if not."""
+    check(isinstance(values, tuple | list) and all(isinstance(v, kind) for v in values), key,
+          f"must be a tuple of {kind.__name__}, got {values!r}")
+    return tuple(values)
 
 
 def parse_arg(arg: str | None, default_preset: str = "tiny") -> tuple[str, dict[str, str]]:
@@ -107,6 +113,13 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     scale = PRESET_SCALE[preset]
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The content-keyed model pool (`jaxsel.runs.model`): every model an experiment trains is a
+    # folder there, named by what it was trained from and how, so another run or experiment that
+    # needs it finds it. Empty: `<workdir>/models`; name one folder to share it across runs.
+    c.model_pool = ""
+    # Several seeds in one command: one run per seed in `<workdir>/seed_<s>`, then their
+    # aggregate (mean, 95% interval, paired differences to `random`) in the workdir.
+    c.seeds = ()
     c.preset = preset
     c.init_from = ""  # Workdir of another run whose params start this one (fresh optimizer).
     # Workdir of another run whose latest params, optimizer state and step this one continues
@@ -115,7 +128,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "local"  # One of SOURCES.
-    c.data.paths = ""  # jsonl / parquet: comma-separated files or globs; text: the folder.
+    c.data.paths = ()  # jsonl / parquet: a tuple of files or globs; text: (the folder,).
     c.data.text_field = "text"
     c.data.domain_field = ""  # jsonl: field naming the domain; empty -> one domain.
     c.data.tfds_name = ""  # e.g. "wikipedia/20230601.en".
@@ -144,7 +157,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model.update(MODEL_PRESETS[preset])
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all the rest.
-    c.sharding_rules = json.dumps(DEFAULT_RULES)
+    c.sharding_rules = DEFAULT_RULES
 
     c.optim = ml_collections.ConfigDict(dict(
         schedule="cosine", lr=scale["lr"], warmup_steps=scale["warmup_steps"],
@@ -170,13 +183,12 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         item_len=scale["item_len"]))
 
     # The zero-shot tasks every trained model is evaluated on (`jaxsel.downstream`): per held-out
-    # domain (`domains`: comma-separated; empty = all), on its `eval` rows, `num_items` cloze items
-    # and a continuation task with `choices` choices of `continuation_len` tokens after
+    # domain (`domains`: a tuple of names; empty = all), on its `eval` rows, `num_items` cloze
+    # items and a continuation task with `choices` choices of `continuation_len` tokens after
     # `context_len` (by default a quarter and an eighth of data.seq_len, following it); `files`:
-    # comma-separated jsonl files of multiple-choice items. `num_items=0` turns the domain tasks
-    # off.
+    # a tuple of jsonl files of multiple-choice items. `num_items=0` turns the domain tasks off.
     c.downstream = ml_collections.ConfigDict(dict(
-        domains="", num_items=scale["downstream_items"], choices=4, files="", batch_size=64))
+        domains=(), num_items=scale["downstream_items"], choices=4, files=(), batch_size=64))
     c.downstream.context_len = c.data.get_ref("seq_len") // 4
     c.downstream.continuation_len = c.data.get_ref("seq_len") // 8
     return c
@@ -195,7 +207,11 @@ def apply_options(config: ml_collections.ConfigDict, options: dict[str, str]) ->
         for p in parents:
             node = node[p]
         old = node[leaf]
-        node[leaf] = type(old)(raw) if not isinstance(old, bool) else raw.lower() in ("1", "true")
+        if isinstance(old, tuple):  # One element (the arg's commas separate options).
+            node[leaf] = tuple_parser.TupleParser().parse(raw)
+        else:
+            node[leaf] = type(old)(raw) if not isinstance(old, bool) else raw.lower() in (
+                "1", "true")
 
 
 def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -210,7 +226,8 @@ def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 
 
 class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
+    """A config value (or flag) that cannot work; the message names the key. An experiment's
+    command line reports it in one line, without a traceback (`jaxsel.launch.main`)."""
 
 
 def check(ok: bool, key: str, message: str) -> None:
@@ -242,6 +259,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     check(not (config.init_from and config.continue_from), "continue_from",
           "set init_from (params, fresh optimizer) or continue_from (the whole state), not both")
     check(d.source in SOURCES, "data.source", f"{d.source!r} is not one of {', '.join(SOURCES)}")
+    check_tuple(d.paths, str, "data.paths")
     check(d.source not in ("jsonl", "parquet", "text") or bool(d.paths), "data.paths",
            f"required for data.source={d.source!r}")
     check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
@@ -325,5 +343,6 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
     width = d.context_len + d.continuation_len
     check(width <= config.data.seq_len, "downstream.context_len",
           f"context_len + continuation_len = {width} exceeds data.seq_len={config.data.seq_len}")
-    for path in split_list(d.files):
+    for path in check_tuple(d.files, str, "downstream.files"):
         check(os.path.isfile(path), "downstream.files", f"{path} is not a file")
+    check_tuple(d.domains, str, "downstream.domains")

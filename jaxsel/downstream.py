@@ -43,7 +43,7 @@ def build(config: ml_collections.ConfigDict, heldout, eval_ids) -> Suite:
     """The suite of `config.downstream` on rows `eval_ids` of the held-out pool `heldout` (the
     run's `eval` role)."""
     d = config.downstream
-    domains = config_lib.split_list(d.domains) or list(heldout.domain_names)
+    domains = list(d.domains) or list(heldout.domain_names)
     unknown = sorted(set(domains) - set(heldout.domain_names))
     config_lib.check(not unknown, "downstream.domains",
                      f"{unknown} are not domains of the held-out pool {heldout.domain_names}")
@@ -64,7 +64,7 @@ def build(config: ml_collections.ConfigDict, heldout, eval_ids) -> Suite:
                 skipped[name] = str(e)
     if d.files:
         tokenizer = tokenizer_lib.load_tokenizer(heldout.tokenizer_path)
-        for path in config_lib.split_list(d.files):
+        for path in d.files:
             items, bad = tasks.load_jsonl(path)
             mc = tasks.multiple_choice_from_texts(items, tokenizer, config.data.seq_len,
                                                   skipped=bad)

@@ -1,7 +1,7 @@
 """Sequence embeddings `[N, d]` float32, row i = pool sequence i, and their post-processing.
 
 Four embeddings of a pool given as `tokens_NxL` / `segments_NxL` int32 arrays (segment 0 marks
-padding), each computed in fixed-size jitted batches with a progress bar:
+padding), each computed in fixed-size jitted batches (`rowmap.map_rows`) with a progress bar:
 
 - `lm_token_mean`: mean of the LM's input token-embedding rows over real tokens (no forward pass);
 - `lm_output_mean`: mean of the LM's final hidden states over real tokens;
@@ -28,6 +28,7 @@ import numpy as np
 import tokenizers
 import tqdm
 
+from jaxsel import rowmap
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
@@ -64,34 +65,12 @@ def _check_pool(tokens_NxL, segments_NxL) -> tuple[np.ndarray, np.ndarray]:
     return tokens_NxL, segments_NxL
 
 
-def _map_batches(
-    fn: Callable[..., jax.Array],
-    make_batch: Callable[[np.ndarray], tuple],
-    n: int,
-    batch_size: int,
-    desc: str,
-    progress: bool,
-    order: np.ndarray | None = None,
-) -> np.ndarray:
-    """Runs `fn(*make_batch(idx))` -> `[B, d]` over rows in batches of exactly
-    `B = min(batch_size, n)` (the last is padded by repeating its final row, so shapes never
-    change) and returns `[n, d]` float32 with row i the result for row i. `order` is the order in
-    which rows are visited."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batch_size = min(batch_size, n)
-    order = np.arange(n) if order is None else order
-    out = None
-    with tqdm.tqdm(total=n, desc=desc, unit="seq", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            padded = np.pad(idx, (0, batch_size - idx.size), mode="edge")
-            result = np.asarray(fn(*make_batch(padded)), dtype=np.float32)
-            if out is None:
-                out = np.empty((n, result.shape[1]), np.float32)
-            out[idx] = result[: idx.size]
-            bar.update(idx.size)
-    return out
+def _map_rows(fn: Callable, rows, num: int, batch_size: int, desc: str, progress: bool,
+              **kwargs) -> np.ndarray:
+    """`rowmap.map_rows` of `num` rows on the default device, in batches of
+    `min(batch_size, num)` rows (a small pool is one batch), as float32."""
+    out = rowmap.map_rows(fn, rows, min(batch_size, num), progress=progress, desc=desc, **kwargs)
+    return np.asarray(out, np.float32)
 
 
 def _masked_mean(x_BxLxD, mask_BxL):
@@ -118,11 +97,9 @@ def token_mean(
     real = segments_NxL != 0
     if real.any() and (tokens_NxL[real].min() < 0 or tokens_NxL[real].max() >= len(table_VxD)):
         raise ValueError(f"token ids must lie in [0, {len(table_VxD)}) (the table's rows)")
-    return _map_batches(
-        functools.partial(_token_mean_batch, table_VxD),
-        lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
-        len(tokens_NxL), batch_size, "lm_token_mean", progress,
-    )
+    return _map_rows(lambda batch: _token_mean_batch(table_VxD, *batch),
+                     (tokens_NxL, segments_NxL), len(tokens_NxL), batch_size, "lm_token_mean",
+                     progress)
 
 
 def lm_token_mean(
@@ -141,11 +118,9 @@ def lm_output_mean(
     """Mean of the LM's final hidden states (after the final norm) over real tokens ->
     `[N, D]` float32. `model(tokens, segments, return_hidden=True)` returns `(logits, hidden)`."""
     tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
-    return _map_batches(
-        functools.partial(_output_mean_batch, model, params),
-        lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
-        len(tokens_NxL), batch_size, "lm_output_mean", progress,
-    )
+    return _map_rows(lambda batch: _output_mean_batch(model, params, *batch),
+                     (tokens_NxL, segments_NxL), len(tokens_NxL), batch_size, "lm_output_mean",
+                     progress)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -251,16 +226,12 @@ def encoder_embed(
     if lengths_N.min() < 1 or lengths_N.max() > ids_NxM.shape[1]:
         raise ValueError(f"lengths must lie in [1, {ids_NxM.shape[1]}]")
 
-    def make_batch(idx):
-        width = min(-(-int(lengths_N[idx].max()) // length_multiple) * length_multiple,
-                    ids_NxM.shape[1])
-        mask_BxW = np.arange(width)[None, :] < lengths_N[idx, None]
-        return ids_NxM[idx, :width], mask_BxW
+    def read(idx):
+        return ids_NxM[idx], np.arange(ids_NxM.shape[1]) < lengths_N[idx, None]
 
-    return _map_batches(
-        functools.partial(encoder_lib.embed_token_ids, encoder), make_batch,
-        len(ids_NxM), batch_size, "encoder", progress, order=np.argsort(lengths_N, kind="stable"),
-    )
+    return _map_rows(lambda batch: encoder_lib.embed_token_ids(encoder, *batch), read,
+                     len(ids_NxM), batch_size, "encoder", progress, num_rows=len(ids_NxM),
+                     lengths_N=lengths_N, length_multiple=length_multiple)
 
 
 def _mix32(x):
@@ -299,11 +270,9 @@ def ngram_hash(
     tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    return _map_batches(
-        functools.partial(_ngram_batch, num_buckets=num_buckets),
-        lambda idx: (tokens_NxL[idx], segments_NxL[idx]),
-        len(tokens_NxL), batch_size, "ngram_hash", progress,
-    )
+    return _map_rows(lambda batch: _ngram_batch(*batch, num_buckets=num_buckets),
+                     (tokens_NxL, segments_NxL), len(tokens_NxL), batch_size, "ngram_hash",
+                     progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,9 +332,7 @@ def apply_postprocess(
             f"embeddings have dimension {emb_NxD.shape[1]}, the post-processing was fitted on "
             f"{post.mean_D.shape[0]}"
         )
-    projected_NxK = _map_batches(
-        functools.partial(_project, post.mean_D, post.scale_D, post.components_DxK),
-        lambda idx: (emb_NxD[idx],),
-        len(emb_NxD), batch_size, "postprocess", progress,
-    )
+    projected_NxK = _map_rows(
+        lambda emb_BxD: _project(post.mean_D, post.scale_D, post.components_DxK, emb_BxD),
+        emb_NxD, len(emb_NxD), batch_size, "postprocess", progress)
     return l2_normalize(projected_NxK)

@@ -8,25 +8,24 @@
   log-likelihood given the context, the argmax (`acc`) and the argmax per unit of length
   (`acc_norm`).
 
-Rows are evaluated in a fixed order in batches split over the mesh's batch axes and padded with
-empty rows (segment 0, which carry no target) whose results are dropped, so every number is exact
-and independent of the batch size and the process count. Every process passes the same items and
-gets the same results. Cloze and multiple-choice rows run through one function jitted once per
-trainer (`loss.losses_at`: the LM head only at the scored positions).
+Rows are evaluated in a fixed order by `rowmap.map_rows`, in batches split over the mesh's batch
+axes (`batch_size` is rounded up to whole shards of them and must be a multiple of the process
+count), the last one padded with rows whose results are dropped, so every number is exact and
+independent of the batch size and the process count. Every process passes the same items and gets
+the same results. Cloze and multiple-choice rows run through one function jitted once per trainer
+(`loss.losses_at`: the LM head only at the scored positions).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from jaxsel import loss, sharding
+from jaxsel import loss, rowmap, sharding
 
 
 def sequence_loss_sums(trainer, params, pool, ids: np.ndarray, batch_size: int,
@@ -35,23 +34,10 @@ def sequence_loss_sums(trainer, params, pool, ids: np.ndarray, batch_size: int,
     ids = np.asarray(ids, np.int64)
     if ids.size == 0:
         raise ValueError("ids: empty; nothing to evaluate")
-    procs, proc = jax.process_count(), jax.process_index()
-    if batch_size % procs:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {procs} processes")
-    local = batch_size // procs
-    out = np.zeros((ids.size, 2))
-    starts = range(0, ids.size, batch_size)
-    for start in tqdm(starts, desc="eval", disable=not progress):
-        chunk = ids[start:start + batch_size]
-        mine = chunk[proc * local:(proc + 1) * local]
-        rows = pool.rows(mine)
-        pad = local - mine.size
-        rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
-        batch = sharding.global_batch(rows, trainer.mesh)
-        sums = np.asarray(jax.device_get(trainer.sequence_losses(params, batch)))
-        # Process p's slice holds chunk[p*local:(p+1)*local], so real rows come first.
-        out[start:start + chunk.size] = sums[:chunk.size]
-    return out
+    sums = rowmap.map_rows(functools.partial(trainer.sequence_losses, params),
+                           lambda idx: pool.rows(ids[idx]), _whole_shards(trainer, batch_size),
+                           trainer.mesh, num_rows=ids.size, progress=progress, desc="eval")
+    return sums.astype(np.float64)
 
 
 def perplexity_by_domain(trainer, params, pool, ids, batch_size: int) -> dict[str, float]:
@@ -177,26 +163,17 @@ def _score_rows(trainer, params, rows: tuple, name: str, batch_size: int, progre
     """[R, 3] float64 `_row_scores` of `rows` (tokens, segments, positions, weights); errors
     name the argument `name`."""
     arrays = dict(zip(_ROW_KEYS, check_rows(trainer, name, *rows), strict=True))
-    procs, proc = jax.process_count(), jax.process_index()
-    if batch_size < 1 or batch_size % procs:
-        raise ValueError(f"batch_size must be a positive multiple of the {procs} processes, got "
-                         f"{batch_size}")
-    shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
-    step = math.lcm(shards, procs)
-    batch_size = -(-batch_size // step) * step  # Whole shards; the rows added are padding.
-    local = batch_size // procs
-    num = len(arrays["tokens"])
-    scorer, out = _scorer(trainer), []
-    starts = range(0, num, batch_size)
-    for start in tqdm(starts, desc=name, disable=not progress or proc != 0):
-        mine = slice(start + proc * local, min(start + (proc + 1) * local, num))
-        batch = {k: v[mine] for k, v in arrays.items()}
-        batch = {k: np.pad(v, ((0, local - len(v)), (0, 0))) for k, v in batch.items()}
-        out.append(scorer(params, sharding.global_batch(batch, trainer.mesh)))
-    # Process p's slice of a batch holds its rows p*local ... , so real rows come first.
-    sums = [np.asarray(s, np.float64)[:min(batch_size, num - start)]
-            for start, s in zip(starts, jax.device_get(out), strict=True)]
-    return np.concatenate(sums)
+    sums = rowmap.map_rows(functools.partial(_scorer(trainer), params), arrays,
+                           _whole_shards(trainer, batch_size), trainer.mesh, progress=progress,
+                           desc=name)
+    return sums.astype(np.float64)
+
+
+def _whole_shards(trainer, batch_size: int) -> int:
+    """`batch_size` rounded up to whole shards of the mesh's batch axes (the rows added are
+    padding), so that any batch size fits any mesh; `rowmap` checks the rest."""
+    shards = sharding.batch_parallel_size(trainer.mesh)
+    return -(-batch_size // shards) * shards
 
 
 def check_rows(trainer, name: str, tokens, segments, positions, weights, every_row: bool = True):

@@ -40,7 +40,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
-from jaxsel import sharding, stats
+from jaxsel import rowmap, sharding, stats
 from jaxsel.model import encoder as encoder_lib
 
 Array = jax.Array
@@ -262,7 +262,7 @@ def fit(encoder: encoder_lib.Encoder, ids_NxM, lengths_N, influences_N,
         raise ValueError(f"influences_N: N={n} with val_fraction={fit_config.val_fraction} "
                          f"leaves {n - n_val} training and {n_val} validation examples; "
                          "need >= 2 of each")
-    multiple = _rows_multiple(mesh)
+    multiple = rowmap.batch_multiple(mesh)
     if fit_config.batch_size % multiple:
         raise ValueError(f"fit_config.batch_size={fit_config.batch_size} must be a multiple of "
                          f"{multiple} (the mesh's data x fsdp shards and the process count)")
@@ -297,10 +297,10 @@ def fit(encoder: encoder_lib.Encoder, ids_NxM, lengths_N, influences_N,
             loss_sum = 0.0
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = _make_batch(ids_NxM, lengths_N, idx, batch_size,
-                                    fit_config.length_multiple, targets_N)
+                batch = _train_batch(ids_NxM, lengths_N, targets_N, idx, batch_size,
+                                     fit_config.length_multiple)
                 params, opt_state, loss = step_fn(
-                    params, opt_state, _put(batch, mesh), learning_rates[step],
+                    params, opt_state, rowmap.place(batch, mesh), learning_rates[step],
                     np.int32(fit_config.seed), np.int32(step))
                 loss_value = float(loss)
                 loss_sum += loss_value * idx.size
@@ -328,16 +328,13 @@ def predict(encoder: encoder_lib.Encoder, params, label_mean: float, label_std: 
     """Predicted influence `[N]` float32 in the original units (`z * label_std + label_mean`),
     row i for row i of `ids_NxM`; lower is better.
 
-    Rows are visited shortest first in batches of `min(batch_size, N)` (the last one padded) cut
-    to their longest length rounded up to `length_multiple`, as `embed.encoder_embed` does. With
-    a `mesh`, batch rows are split over `data` x `fsdp` and the parameters replicated.
+    Rows are visited shortest first (`rowmap.map_rows`) in batches of `batch_size` rows (fewer
+    when N is smaller; the last one padded) cut to their longest length rounded up to
+    `length_multiple`, as `embed.encoder_embed` does. With a `mesh`, batch rows are split over
+    `data` x `fsdp` and the parameters replicated.
     """
     ids_NxM, lengths_N = _check_tokens(encoder, ids_NxM, lengths_N)
-    if batch_size < 1 or batch_size % _rows_multiple(mesh):
-        raise ValueError(f"batch_size must be a positive multiple of {_rows_multiple(mesh)}, "
-                         f"got {batch_size}")
-    if length_multiple < 1:
-        raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
+    rowmap.check_batch_size(batch_size, mesh)
     if not (np.isfinite(label_mean) and np.isfinite(label_std) and label_std > 0):
         raise ValueError(f"label_mean={label_mean} must be finite and label_std={label_std} "
                          "finite and > 0")
@@ -349,21 +346,16 @@ def predict(encoder: encoder_lib.Encoder, params, label_mean: float, label_std: 
 
 def _predict_z(forward_fn, params, ids_NxM, lengths_N, batch_size: int, length_multiple: int,
                mesh: Mesh | None, progress: bool) -> np.ndarray:
-    """z-scored predictions `[N]` float32, shortest rows first, in fixed-size padded batches."""
+    """z-scored predictions `[N]` float32, in batches of `batch_size` rows or of N rounded up to
+    `rowmap.batch_multiple(mesh)`, whichever is smaller."""
     n = len(lengths_N)
-    batch_size = min(batch_size, _round_up(n, _rows_multiple(mesh)))
-    order = np.argsort(lengths_N, kind="stable")
-    out_N = np.empty(n, np.float32)
-    with tqdm.tqdm(total=n, desc="influence model predict", unit="seq",
-                   disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            batch = _make_batch(ids_NxM, lengths_N, idx, batch_size, length_multiple)
-            batch = _put(batch, mesh)
-            preds_B = forward_fn(params, batch["ids_BxL"], batch["mask_BxL"])
-            out_N[idx] = np.asarray(jax.device_get(preds_B), np.float32)[:idx.size]
-            bar.update(idx.size)
-    return out_N
+    batch_size = min(batch_size, _round_up(n, rowmap.batch_multiple(mesh)))
+    z_N = rowmap.map_rows(lambda batch: forward_fn(params, batch["ids_BxL"], batch["mask_BxL"]),
+                          lambda idx: _rows(ids_NxM, lengths_N, idx), batch_size, mesh,
+                          num_rows=n, lengths_N=lengths_N,
+                          length_multiple=length_multiple, progress=progress,
+                          desc="influence model predict")
+    return np.asarray(z_N, np.float32)
 
 
 def _val_metrics(preds_V: np.ndarray, targets_V: np.ndarray) -> dict[str, float]:
@@ -376,18 +368,20 @@ def _val_metrics(preds_V: np.ndarray, targets_V: np.ndarray) -> dict[str, float]
                 val_spearman=stats.spearman(preds_V, targets_V))
 
 
-def _make_batch(ids_NxM, lengths_N, idx, batch_size: int, length_multiple: int,
-                targets_N: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Rows `idx` padded to `batch_size` (repeating the last, with weight 0), cut to the longest
-    length rounded up to `length_multiple` (at most M)."""
+def _rows(ids_NxM, lengths_N, idx) -> dict[str, np.ndarray]:
+    """Rows `idx` at the full width M: token ids `ids_BxL` int32 and their mask `mask_BxL`."""
+    return {"ids_BxL": ids_NxM[idx].astype(np.int32),
+            "mask_BxL": np.arange(ids_NxM.shape[1])[None, :] < lengths_N[idx, None]}
+
+
+def _train_batch(ids_NxM, lengths_N, targets_N, idx, batch_size: int, length_multiple: int
+                 ) -> dict[str, np.ndarray]:
+    """Rows `idx` with their targets, padded to `batch_size` (repeating the last, with weight 0)
+    and cut to the longest length rounded up to `length_multiple` (`rowmap.cut_to_length`)."""
     padded = np.pad(idx, (0, batch_size - idx.size), mode="edge")
-    width = min(_round_up(int(lengths_N[idx].max()), length_multiple), ids_NxM.shape[1])
-    batch = {"ids_BxL": ids_NxM[padded, :width].astype(np.int32),
-             "mask_BxL": np.arange(width)[None, :] < lengths_N[padded, None]}
-    if targets_N is not None:
-        batch["targets_B"] = targets_N[padded]
-        batch["weights_B"] = (np.arange(batch_size) < idx.size).astype(np.float32)
-    return batch
+    batch = {**_rows(ids_NxM, lengths_N, padded), "targets_B": targets_N[padded],
+             "weights_B": (np.arange(batch_size) < idx.size).astype(np.float32)}
+    return rowmap.cut_to_length(batch, lengths_N[idx], length_multiple)
 
 
 def _check_tokens(encoder: encoder_lib.Encoder, ids_NxM, lengths_N
@@ -413,13 +407,6 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _rows_multiple(mesh: Mesh | None) -> int:
-    """What a batch's row count must be a multiple of: batch shards and processes."""
-    if mesh is None:
-        return 1
-    return math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
-
-
 def _place(tree, mesh: Mesh | None):
     """A fresh device copy of `tree` (safe to donate): replicated on `mesh`, or on the default
     device."""
@@ -429,17 +416,6 @@ def _place(tree, mesh: Mesh | None):
     replicated = sharding.replicated(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_callback(
         np.shape(x), replicated, lambda index: np.asarray(x)[index]), host)
-
-
-def _put(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, Array]:
-    """Batch rows as device arrays, split over `data` x `fsdp` on a mesh (each process gives its
-    contiguous slice of the rows, as `sharding.global_batch` expects)."""
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    rows = len(next(iter(batch.values())))
-    local = rows // jax.process_count()
-    mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-    return sharding.global_batch({k: v[mine] for k, v in batch.items()}, mesh)
 
 
 def _jit(fn, mesh: Mesh | None, in_specs: tuple[str, ...], donate_argnums=()):

@@ -39,9 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.stats
-from tqdm import tqdm
 
-from jaxsel import evaluate, loss, sharding
+from jaxsel import evaluate, loss, rowmap, sharding
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model.transformer import matmul_flops_per_token
 
@@ -365,10 +364,11 @@ class Prober:
 
     Candidates are given as `{"tokens", "segments"}` [N, L] arrays with `L = config.data.seq_len`
     (e.g. `pool.rows(ids)`, or a pool's memory-mapped `tokens` / `segments`: only one chunk is
-    read at a time) and processed in chunks of `chunk_size` rows, vmapped and split over
-    `data` x `fsdp`; the last chunk is padded with empty rows whose results are dropped. Memory is
-    about `chunk_size x num_params`: the chunk size is the knob. Every process passes the same
-    candidates and gets all results; results are numpy arrays aligned with the candidates' rows.
+    read at a time) and processed in chunks of `chunk_size` rows (`rowmap.map_rows`), vmapped and
+    split over `data` x `fsdp`; the last chunk is padded with rows whose results are dropped.
+    Memory is about `chunk_size x num_params`: the chunk size is the knob. Every process passes
+    the same candidates and gets all results; results are numpy arrays aligned with the
+    candidates' rows.
 
     Reference sets are evaluated `reference_batch_size` rows at a time, and the oracle evaluates
     them for `eval_batch_size` candidates at once (default: the whole chunk, vmapped, which is
@@ -379,11 +379,7 @@ class Prober:
     def __init__(self, trainer, chunk_size: int = 16, reference_batch_size: int = 16,
                  eval_batch_size: int | None = None):
         mesh = trainer.mesh
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if chunk_size < 1 or chunk_size % shards or chunk_size % jax.process_count():
-            raise ValueError(f"chunk_size must be a positive multiple of the batch-parallel size "
-                             f"mesh.data*mesh.fsdp={shards} and of the {jax.process_count()} "
-                             f"processes, got {chunk_size}")
+        rowmap.check_batch_size(chunk_size, mesh, "chunk_size")
         if reference_batch_size < 1:
             raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
         eval_batch_size = chunk_size if eval_batch_size is None else eval_batch_size
@@ -419,20 +415,22 @@ class Prober:
                          reference: Reference, progress: bool = True) -> np.ndarray:
         """[N] float32 exact one-step influence of each candidate on `reference` from `state`
         (`chunk_oracle_influence`): reference loss after - before. Lower is better."""
-        return self._map_chunks(self._oracle, state, candidates, (self._put(reference),),
-                                "oracle influence", progress)
+        reference = self._put(reference)
+        return self._map(lambda chunk: self._oracle(state, chunk, reference), candidates,
+                         "oracle influence", progress)
 
     def first_order_influence(self, state, candidates: Mapping[str, np.ndarray],
                               reference: Reference, progress: bool = True) -> np.ndarray:
         """[N] float32 first-order influence (`chunk_first_order_influence`). Lower is better."""
-        return self._map_chunks(self._first_order, state, candidates, (self._put(reference),),
-                                "first-order influence", progress)
+        reference = self._put(reference)
+        return self._map(lambda chunk: self._first_order(state, chunk, reference), candidates,
+                         "first-order influence", progress)
 
     def grad_features(self, params, candidates: Mapping[str, np.ndarray],
                       projection: GradProjection, progress: bool = True) -> np.ndarray:
         """[N, k] float32 projected per-example gradients (`project`)."""
-        return self._map_chunks(self._features, params, candidates, (projection,),
-                                "gradient features", progress)
+        return self._map(lambda chunk: self._features(params, chunk, projection), candidates,
+                         "gradient features", progress)
 
     def _put(self, reference: Reference) -> Reference:
         """Checks `reference` (`evaluate.check_rows`) and makes it a replicated global array on
@@ -443,23 +441,17 @@ class Prober:
         replicated = sharding.replicated(self.trainer.mesh)
         return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in rows))
 
-    def _map_chunks(self, fn, state_or_params, candidates, extra: tuple, desc: str,
-                    progress: bool) -> np.ndarray:
-        """`fn(state_or_params, chunk, *extra)` over the candidates' chunks, concatenated."""
+    def _map(self, fn, candidates, desc: str, progress: bool) -> np.ndarray:
+        """`fn(chunk)` over the candidates' chunks (`rowmap.map_rows`), float32."""
         tokens, segments = _check_rows(candidates, "candidates", self.seq_len)
-        num, size = tokens.shape[0], self.chunk_size
-        local = size // jax.process_count()
-        mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-        out = []
-        starts = range(0, num, size)
-        for start in tqdm(starts, desc=desc, disable=not progress or jax.process_index() != 0):
-            stop = min(start + size, num)
-            rows = {k: np.pad(np.asarray(v[start:stop], np.int32),
-                              ((0, size - (stop - start)), (0, 0)))[mine]
-                    for k, v in (("tokens", tokens), ("segments", segments))}
-            result = fn(state_or_params, sharding.global_batch(rows, self.trainer.mesh), *extra)
-            out.append(np.asarray(jax.device_get(result), np.float32)[:stop - start])
-        return np.concatenate(out)
+
+        def read(idx):
+            return {"tokens": np.asarray(tokens[idx], np.int32),
+                    "segments": np.asarray(segments[idx], np.int32)}
+
+        return rowmap.map_rows(fn, read, self.chunk_size, self.trainer.mesh,
+                               num_rows=len(tokens), progress=progress,
+                               desc=desc).astype(np.float32)
 
 
 def pool_losses(trainer, params, pool, batch_size: int, ids: np.ndarray | None = None,

@@ -1,6 +1,6 @@
 """What every experiment writes into its workdir: config.json, report.json, report.md, figures.
 
-Files are written atomically (temp file + rename), so a killed run never leaves half a result.
+Files are written atomically (`files.atomic_path`), so a killed run never leaves half a result.
 A workdir belongs to one config: running again with the same config resumes, with another config
 it stops and names the keys that differ, and a finished run (report.json present) is not redone.
 """
@@ -17,6 +17,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxsel import config as config_lib
+from jaxsel import files
+
 
 def quiet_library_logs() -> None:
     """Keeps orbax's per-save INFO chatter out of the run log (its warnings still show)."""
@@ -28,10 +31,8 @@ def quiet_library_logs() -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:
@@ -40,10 +41,8 @@ def write_json(path: str, obj) -> None:
 
 def write_npz(path: str, **arrays) -> None:
     """Saves `arrays` at `path` (an .npz), creating its folder."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def cached_npz(path: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
@@ -65,17 +64,14 @@ def cached_json(path: str, compute: Callable[[], dict]) -> dict:
         return read_json(path)
     obj = compute()
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write_json(path, obj)
     return obj
 
 
 def write_figure(path: str, figure) -> None:
     """Saves a matplotlib figure (its format from `path`'s suffix) at 120 dpi."""
-    root, suffix = os.path.splitext(path)
-    tmp = f"{root}.tmp.{os.getpid()}{suffix}"
-    figure.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120)
 
 
 def read_json(path: str):
@@ -91,8 +87,12 @@ def read_jsonl(path: str) -> list:
 def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
     """Claims `workdir` for `config`; returns the finished report if the run is already done.
 
-    Raises if the workdir holds a run of another config (naming the differing keys).
+    A ConfigError names `--workdir` if it is a file, or holds a run of another config (naming
+    the differing keys).
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder; name a "
+                                     "folder (it is created if missing)")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -100,8 +100,9 @@ def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None
         previous = read_json(path)
         diff = sorted(config_diff(previous, resolved))
         if diff:
-            raise ValueError(f"workdir {workdir} holds a run with another config (keys differ: "
-                             f"{', '.join(diff)}); use a new --workdir")
+            raise config_lib.ConfigError(
+                f"--workdir {workdir} holds a run with another config (keys differ: "
+                f"{', '.join(diff)}); use a new --workdir")
     else:
         write_json(path, resolved)
     report = os.path.join(workdir, "report.json")

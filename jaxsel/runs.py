@@ -1,7 +1,8 @@
 """What every experiment does with its data and models: load the pools and the held-out roles
-once (`load_data`), train a model on rows of the train pool, evaluate it the same way everywhere
-(`evaluate_model`), and train each model once (`train_once`: a finished model is read back from
-its `model.json`, never trained again).
+once (`load_data`); train a model on rows of the train pool (`train_model`), once, in the
+content-keyed model pool every experiment shares (`model`: a finished model is found by what it
+was trained from and how, never trained again); evaluate it the same way everywhere
+(`evaluate_model`), once per run (`evaluation`).
 
 Every trained model is evaluated on the run's `eval` rows (held-out perplexity per domain, the
 zero-shot suite) and, when the run has a target domain, on the cloze items of its `target` rows
@@ -12,20 +13,23 @@ zero-shot suite) and, when the run has a target domain, on the cloze items of it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
-from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from jaxsel import downstream, evaluate, probe, report, train
+from jaxsel import checkpoint, downstream, evaluate, probe, report, train
 from jaxsel import roles as roles_lib
 from jaxsel.data import pipeline
 from jaxsel.data import pool as pool_lib
 
-MODEL_FILE = "model.json"  # Written into a model's folder by `train_once` when it is finished.
+MODEL_FILE = "model.json"  # Written into a model's folder in the pool when it is finished.
+EVALUATION_FILE = "evaluation.json"  # A model's evaluation under one run's data and roles.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,22 +121,72 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, data: Data,
     return record, trainer, result["state"].params
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Data,
-                       ids: np.ndarray | None = None,
-                       describe: Callable[..., dict] | None = None,
-                       data_seed: int | None = None) -> dict:
-    """`train_model`, then `evaluate_model` of its final params, plus `describe(params)`'s
-    fields (what else an experiment says of the model) and the `eval_seconds` it took."""
-    record, trainer, params = train_model(config, workdir, data, ids, data_seed)
-    start = time.perf_counter()
-    record.update(evaluate_model(config, trainer, params, data))
-    record.update(describe(params) if describe else {})
-    record["eval_seconds"] = round(time.perf_counter() - start, 2)
-    return record
+def model_pool(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The model pool's folder: `config.model_pool`, else `<workdir>/models`."""
+    return config.model_pool or os.path.join(workdir, "models")
 
 
-def train_once(folder: str, train_fn: Callable[[], dict]) -> dict:
-    """The record of the model that `train_fn()` trains in `folder` (e.g. by
-    `train_and_evaluate`): read back from `folder/model.json` when finished, so a finished model
-    is never trained (nor its data selected) again; else `train_fn()`'s, written there."""
-    return report.cached_json(os.path.join(folder, MODEL_FILE), train_fn)
+def model_identity(config: ml_collections.ConfigDict, data: Data, ids: np.ndarray,
+                   parent: dict | None, data_seed: int | None) -> dict:
+    """Everything a trained model's params depend on: the model it starts from (its key, and
+    whether its whole state continues or only its params start a fresh optimizer), the pool and
+    the rows it trains on in which order, and the training config that matters (not logging,
+    checkpointing, evaluation or the mesh)."""
+    ids = np.asarray(ids, np.int64)
+    start = "scratch"
+    origin = config.continue_from or config.init_from
+    if parent is None and origin:  # Another run's model, by its folder.
+        start = "continue" if config.continue_from else "init"
+        origin = os.path.abspath(origin)
+    elif parent is not None:
+        start = "continue" if config.continue_from else "init"
+        if parent["dir"] not in (config.continue_from, config.init_from):
+            raise ValueError(f"parent {parent['dir']}: the config must continue_from or "
+                             "init_from it")
+    return dict(start=start, parent=parent["key"] if parent else origin or None,
+                pool=data.train_pool.report["key"],
+                num_ids=int(ids.size), ids_sha256=hashlib.sha256(ids.tobytes()).hexdigest(),
+                seed=config.seed, data_seed=config.seed if data_seed is None else data_seed,
+                seq_len=config.data.seq_len, steps=config.train.steps,
+                stop_at=config.train.stop_at, batch_size=config.train.batch_size,
+                model=config.model.to_dict(), optim=config.optim.to_dict())
+
+
+def model(config: ml_collections.ConfigDict, data: Data, ids: np.ndarray, *, pool: str,
+          name: str, parent: dict | None = None, data_seed: int | None = None) -> dict:
+    """The model trained on rows `ids` of the train pool with `config` (from scratch, or from
+    `parent`, another record of this function, that `config.continue_from` or `init_from`
+    names), in the model pool `pool`: a folder per model named by a hash of its
+    `model_identity`, so any experiment that needs the same model finds it. A finished model
+    (its `model.json`) is read back, never trained again; one cut short resumes from its
+    checkpoints. Returns its record (`train_model`'s, `name`, `key`, `identity`), its `dir` and
+    `status` ("trained" or "reused")."""
+    identity = model_identity(config, data, ids, parent, data_seed)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    folder = os.path.join(pool, key)
+    done = os.path.join(folder, MODEL_FILE)
+    reused = os.path.exists(done)
+
+    def train_fn():
+        logging.info("model %s: %d steps on %d sequences in %s", name,
+                     (config.train.stop_at or config.train.steps), len(ids), folder)
+        return dict(train_model(config, folder, data, ids, data_seed)[0], name=name, key=key,
+                    identity=identity)
+
+    record = report.cached_json(done, train_fn)
+    return {**record, "dir": folder, "status": "reused" if reused else "trained"}
+
+
+def evaluation(config: ml_collections.ConfigDict, data: Data, trained: dict,
+               folder: str) -> dict:
+    """`evaluate_model` of the `trained` model's final params (a `model` record) under this
+    run's data and roles, computed once into `folder/evaluation.json`, with the `eval_seconds`
+    it took."""
+    def compute():
+        start = time.perf_counter()
+        trainer = train.Trainer(config)
+        params = checkpoint.load_params(trained["dir"], trainer.abstract_params())
+        out = evaluate_model(config, trainer, params, data)
+        return {**out, "eval_seconds": round(time.perf_counter() - start, 2)}
+
+    return report.cached_json(os.path.join(folder, EVALUATION_FILE), compute)

@@ -11,7 +11,6 @@ the boundary and XLA's propagation does the rest, for training and per-example p
 
 from __future__ import annotations
 
-import json
 import os
 
 import flax.linen as nn
@@ -54,14 +53,21 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in json.loads(config.sharding_rules))
+    """`config.sharding_rules` (a tuple of (logical name, mesh axis / tuple of axes / None)), as
+    flax's logical axis rules."""
+    return tuple((name, tuple(axes) if isinstance(axes, tuple | list) else axes)
+                 for name, axes in config.sharding_rules)
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules) -> object:
     """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (`jax.eval_shape(init)`)."""
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: the mesh's `data` x `fsdp`."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -73,8 +79,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host-local rows (this process's contiguous slice of the global batch) -> global arrays."""
+def global_batch(local_batch, mesh: Mesh):
+    """Host-local rows (this process's contiguous slice of the global batch; a dict or other
+    pytree of arrays) -> global arrays split over `data` x `fsdp`, in the same pytree."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+                        local_batch)

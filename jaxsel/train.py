@@ -2,8 +2,8 @@
 
 `train_step(state, batch, model, tx)` is a pure function; `Trainer` jits it once with the state's
 shardings (parameters by logical names, batch over data x fsdp) and donates the old state. The loop
-resumes from `<workdir>/checkpoints` (params, optimizer, step and the grain iterator state) and logs
-to `<workdir>/metrics.jsonl`.
+resumes from `<workdir>/checkpoints` (params, optimizer, step and the grain iterator state), logs
+to `<workdir>/metrics.jsonl` and draws `<workdir>/loss_curve.png` when it ends.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxsel import checkpoint, loss, sharding
+from jaxsel import checkpoint, figures, files, loss, report, sharding
 from jaxsel.model.transformer import ModelConfig, Transformer
 
 
@@ -203,6 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
                             {"step": step, "data": batches.get_state()})
     mngr.wait_until_finished()
     mngr.close()
+    if jax.process_index() == 0:
+        figures.loss_curves({os.path.basename(workdir.rstrip("/")) or "run":
+                             report.read_jsonl(metrics_path)},
+                            os.path.join(workdir, "loss_curve.png"))
     return {"final_loss": last_loss, "steps": end, "state": state, "trainer": trainer}
 
 
@@ -257,10 +261,8 @@ def _truncate_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(rows)
-    os.replace(tmp, path)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from experiments import launch
+from jaxsel import launch
 from jaxsel.data import pool as pool_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,8 @@ def run(name: str, workdir, overrides: dict, timeout: int = 900) -> None:
         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, timeout=timeout)
 
 
-def run_recording_reads(module, config, workdir, figures: dict, phase_method: str):
-    """`launch.run_experiment` of experiment `module` in process, recording every
+def run_recording_reads(module, config, workdir, phase_method: str):
+    """`launch.run_experiment` of experiment `module`'s `STUDY` in process, recording every
     `Pool.rows` call made while `module.Experiment.<phase_method>` runs: returns (result,
     reads), each read `(split, phase, ids)` with the phase the method's arguments."""
     reads, phase = [], []
@@ -60,8 +60,7 @@ def run_recording_reads(module, config, workdir, figures: dict, phase_method: st
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pool_lib.Pool, "rows", recording_rows)
         patch.setattr(module.Experiment, phase_method, recording_method)
-        result = launch.run_experiment(config, str(workdir), module.validate, module.run,
-                                       module.to_markdown, figures)
+        result = launch.run_experiment(config, str(workdir), module.STUDY)
     return result, reads
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats as scipy_stats
 
-from experiments import aggregate
+from jaxsel import aggregate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = {"mates": [6.30, 6.41, 6.35], "random": [6.52, 6.49, 6.61]}

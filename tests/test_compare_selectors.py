@@ -46,8 +46,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     workdir, cache = tmp / "run", tmp / "cache"
     config = _config(**{"data.cache_dir": str(cache)})
-    result, reads = runs_lib.run_recording_reads(
-        cmp, config, workdir, {"target_eval_loss.png": cmp.plot_target_eval_loss}, "selection")
+    result, reads = runs_lib.run_recording_reads(cmp, config, workdir, "selection")
     data = runs.load_data(config)
     return dict(workdir=workdir, cache=cache, config=config, data=data, reads=reads,
                 ids=cmp.split_ids(config, len(data.train_pool)), result=result)
@@ -89,9 +88,10 @@ def test_split_is_seeded_and_disjoint():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("compare.selectors", "random,bogus", "config.compare.selectors: 'bogus' is not one of"),
-    ("compare.selectors", "random,random", "config.compare.selectors: .* names one twice"),
-    ("compare.selectors", " , ", "config.compare.selectors: names nothing"),
+    ("compare.selectors", ("random", "bogus"), "config.compare.selectors: 'bogus' is not one of"),
+    ("compare.selectors", ("random", "random"), "config.compare.selectors: .* names one twice"),
+    ("compare.selectors", (), "config.compare.selectors: names nothing"),
+    ("compare.selectors", ("random,mates",), "on the command line write a tuple of strings"),
     ("compare.select_size", 301, "config.compare.select_size: 301 exceeds"),
     ("compare.probe_size", 301, "config.compare.probe_size: 301 exceeds"),
     ("compare.clusters", 301, "config.compare.clusters: 301 exceeds"),
@@ -217,13 +217,19 @@ def test_mates_probes_candidates_and_favours_low_predictions(tiny_run):
     assert scores[chosen].mean() < scores[~chosen].mean()
 
 
-def test_every_arm_continues_the_seed(tiny_run):
-    workdir = tiny_run["workdir"]
-    seed_steps = [r["step"] for r in report.read_jsonl(workdir / "seed/metrics.jsonl")]
+def test_every_arm_continues_the_seed_in_the_model_pool(tiny_run):
+    folders, result = tiny_run["result"]["folders"], tiny_run["result"]
+    seed_steps = [r["step"] for r in report.read_jsonl(os.path.join(folders["seed"],
+                                                                    "metrics.jsonl"))]
     assert seed_steps[-1] == SEED_STEPS
     for name in selectors.NAMES:
-        steps = [r["step"] for r in report.read_jsonl(workdir / "arms" / name / "metrics.jsonl")]
+        steps = [r["step"] for r in report.read_jsonl(os.path.join(folders[name],
+                                                                   "metrics.jsonl"))]
         assert steps == list(range(SEED_STEPS + 1, SEED_STEPS + SELECT_STEPS + 1)), name
+        assert os.path.dirname(folders[name]) == str(tiny_run["workdir"] / "models")
+        identity = report.read_json(os.path.join(folders[name], "model.json"))["identity"]
+        assert identity["start"] == "continue" and identity["parent"] == result["seed"]["key"]
+    assert (tiny_run["workdir"] / "seed" / "evaluation.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +272,7 @@ def test_report_numbers_recomputed_from_models_and_picks(tiny_run):
     items = probe.cloze_from_pool(data.heldout, data.roles.ids["target_eval"],
                                   config.roles.target_eval_items)
     for name in ("random", "nearest"):
-        params = checkpoint.load_params(str(workdir / "arms" / name), trainer.abstract_params())
+        params = checkpoint.load_params(result["folders"][name], trainer.abstract_params())
         assert result["arms"][name]["target_eval_loss"] == pytest.approx(
             runs_lib.cloze_loss(trainer.model, jax.device_get(params), items), rel=2e-4)
     # The ranking and the gains follow the recomputed losses; the report says so in words.
@@ -313,20 +319,24 @@ def test_report_numbers_recomputed_from_models_and_picks(tiny_run):
 
 
 def test_rerun_recomputes_only_a_deleted_arm(tiny_run):
-    workdir = tiny_run["workdir"]
-    kept = [workdir / "seed/model.json", workdir / "candidates/embeddings.npz",
-            workdir / "candidates/encoder_inputs.npz"]
+    """Deleting one arm's folder and its model in the pool, then running the command line
+    again: only that arm is selected, trained and evaluated again, to the same numbers; the
+    other arms and the seed are read back."""
+    workdir, first = tiny_run["workdir"], tiny_run["result"]
+    kept = [os.path.join(first["folders"]["seed"], "model.json"),
+            workdir / "candidates/embeddings.npz", workdir / "candidates/encoder_inputs.npz"]
     for name in selectors.NAMES:
         if name != "nearest":
-            kept += [workdir / "arms" / name / "model.json",
+            kept += [os.path.join(first["folders"][name], "model.json"),
+                     workdir / "arms" / name / "evaluation.json",
                      workdir / "arms" / name / "selection.json"]
     mtimes = {p: os.path.getmtime(p) for p in kept}
-    subprocess.run(["rm", "-rf", str(workdir / "arms/nearest"), str(workdir / "report.json")],
-                   check=True)
+    subprocess.run(["rm", "-rf", str(workdir / "arms/nearest"), first["folders"]["nearest"],
+                    str(workdir / "report.json")], check=True)
     runs_lib.run("compare_selectors", workdir, {**OVERRIDES, "data.cache_dir": tiny_run["cache"]})
     assert {p: os.path.getmtime(p) for p in kept} == mtimes
-    assert (workdir / "arms/nearest/model.json").exists()
-    again, first = report.read_json(workdir / "report.json"), tiny_run["result"]
+    assert os.path.exists(os.path.join(first["folders"]["nearest"], "model.json"))
+    again = report.read_json(workdir / "report.json")
     for key in ("target_loss", "target_eval_loss"):
         np.testing.assert_allclose(again["arms"]["nearest"][key], first["arms"]["nearest"][key],
                                    rtol=1e-6)

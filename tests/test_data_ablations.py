@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import types
 
 import jax
 import numpy as np
@@ -15,9 +16,8 @@ import pytest
 import scipy.stats as scipy_stats
 
 from experiments import data_ablations as abl
-from experiments import launch
 from experiments.configs import data_ablations as abl_config
-from jaxsel import checkpoint, evaluate, roles, runs, stats, train
+from jaxsel import checkpoint, evaluate, launch, roles, runs, stats, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
 from tests import experiment_runs
@@ -28,7 +28,7 @@ from tests import experiment_runs
 SHRUNK = {
     "data.source": "synthetic", "data.seq_len": 64, "model.vocab_size": 512,
     "data.synthetic_docs_per_domain": 60, "train.batch_size": 8, "train.eval_per_domain": 2,
-    "ablation.domains": "prose,code", "ablation.partitions": "domains:2",
+    "ablation.domains": ("prose", "code"), "ablation.partitions": "domains:2",
     "ablation.seed_steps": 20, "ablation.partition_steps": 5, "ablation.max_mixtures": 2,
     "ablation.eval_batch_size": 32, "ablation.bootstrap": 200,
 }
@@ -53,10 +53,11 @@ def _config(**overrides):
     ({"ablation.bootstrap": 0}, "ablation.bootstrap"),
     ({"train.batch_size": 0}, "train.batch_size"),
     # The seed's domains: disjoint from the partitions', `others` alone and with named domains.
-    ({"ablation.seed_domains": "tables,code"}, r"ablation.seed_domains: \['code'\] are in "
+    ({"ablation.seed_domains": ("tables", "code")}, r"ablation.seed_domains: \['code'\] are in "
                                                "ablation.domains too"),
-    ({"ablation.seed_domains": "others,tables"}, "ablation.seed_domains: 'others' stands alone"),
-    ({"ablation.domains": ""}, "ablation.domains: names no domain, so ablation.seed_domains"),
+    ({"ablation.seed_domains": ("others", "tables")},
+     "ablation.seed_domains: 'others' stands alone"),
+    ({"ablation.domains": ()}, "ablation.domains: names no domain, so ablation.seed_domains"),
 ])
 def test_impossible_values_are_refused_naming_the_key(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -75,17 +76,17 @@ def test_config_arg_options_reach_the_ablation_section():
 def test_tiny_has_ten_mixtures_and_larger_presets_a_separate_seed_once_domains_are_named():
     tiny = abl_config.get_config("tiny").ablation
     per_domain = abl.parse_partitions(tiny.partitions)[1]
-    num_partitions = len(config_lib.split_list(tiny.domains)) * per_domain
+    num_partitions = len(tiny.domains) * per_domain
     assert len(abl.choose_mixtures(num_partitions, tiny.max_mixtures, seed=0)) >= 10
-    assert tiny.seed_domains == "others"
+    assert tiny.seed_domains == ("others",)
     for preset in ("small", "410m", "1b"):
         config = abl_config.get_config(preset)
-        assert config.ablation.seed_domains == "others"
+        assert config.ablation.seed_domains == ("others",)
         with pytest.raises(config_lib.ConfigError, match="ablation.domains: names no domain"):
             abl.validate(config, num_devices=1)
-        config.ablation.domains = "wiki,code"
+        config.ablation.domains = ("wiki", "code")
         abl.validate(config, num_devices=1)
-        config.ablation.seed_domains = config.ablation.domains = ""  # A shared seed.
+        config.ablation.seed_domains = config.ablation.domains = ()  # A shared seed.
         abl.validate(config, num_devices=1)
 
 
@@ -110,16 +111,16 @@ def _rest():
 
 def _section(seed_domains, domains):
     section = abl_config.get_config("tiny").ablation
-    section.seed_domains, section.domains = seed_domains, domains
+    section.seed_domains, section.domains = tuple(seed_domains), tuple(domains)
     return section
 
 
 def test_seed_domains_are_separate_from_the_partitions_domains():
-    assert abl.domain_roles(_section("b", "a"), DOMAIN_NAMES) == (["b"], ["a"])
-    assert abl.domain_roles(_section("b", ""), DOMAIN_NAMES) == (["b"], ["a", "c", "d", "e"])
-    assert abl.domain_roles(_section("others", "c"), DOMAIN_NAMES) == (
+    assert abl.domain_roles(_section(["b"], ["a"]), DOMAIN_NAMES) == (["b"], ["a"])
+    assert abl.domain_roles(_section(["b"], []), DOMAIN_NAMES) == (["b"], ["a", "c", "d", "e"])
+    assert abl.domain_roles(_section(["others"], ["c"]), DOMAIN_NAMES) == (
         ["a", "b", "d", "e"], ["c"])
-    assert abl.domain_roles(_section("", ""), DOMAIN_NAMES) == ([], DOMAIN_NAMES)
+    assert abl.domain_roles(_section([], []), DOMAIN_NAMES) == ([], DOMAIN_NAMES)
     # The seed trains on every row of its domains, the partitions come from all the others.
     seed_ids, rest = abl.seed_rows(DOMAINS_N, DOMAIN_NAMES, ["b", "d"], 0.2, seed=0)
     np.testing.assert_array_equal(seed_ids, [i for i, d in enumerate(DOMAINS_N) if d in (1, 3)])
@@ -134,10 +135,10 @@ def test_seed_domains_are_separate_from_the_partitions_domains():
 
 
 @pytest.mark.parametrize("seed_domains, domains, message", [
-    ("f", "a", "ablation.seed_domains: 'f' is not a domain of the train pool"),
-    ("b", "a,f", "ablation.domains: 'f' is not a domain of the train pool"),
-    ("others", "a,b,c,d,e", "ablation.seed_domains: 'others': ablation.domains names every"),
-    ("a,b,c,d,e", "", "ablation.seed_domains: .* are all the domains of the train pool"),
+    (["f"], ["a"], "ablation.seed_domains: 'f' is not a domain of the train pool"),
+    (["b"], ["a", "f"], "ablation.domains: 'f' is not a domain of the train pool"),
+    (["others"], list("abcde"), "ablation.seed_domains: 'others': ablation.domains names every"),
+    (list("abcde"), [], "ablation.seed_domains: .* are all the domains of the train pool"),
 ])
 def test_seed_domain_errors_name_the_key(seed_domains, domains, message):
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -214,31 +215,36 @@ def test_macro_equals_micro_only_for_equal_group_sizes():
     assert abl.macro_is_micro(abl.mixture_groups(parts, (0, 1, 2, 3)))  # Two of each.
 
 
-def test_model_key_follows_what_and_how_a_model_is_trained():
-    config = _config()
-    ids = np.arange(10)
+def test_model_identity_follows_what_and_how_a_model_is_trained():
+    config, ids = _config(), np.arange(10)
+    data = types.SimpleNamespace(train_pool=types.SimpleNamespace(report={"key": "pool"}))
+    seed = {"key": "seedkey", "dir": "/seed/dir"}
 
-    def key(c, ids=ids, parent="seedkey", steps=5):
-        return abl.model_key(abl.model_identity(abl.model_config(c, steps, "/seed/dir"), "pool",
-                                                ids, parent))
+    def identity(c, ids=ids, parent=seed, steps=5):
+        return runs.model_identity(abl.model_config(c, steps, "/seed/dir"), data, ids, parent,
+                                   None)
 
-    base = key(config)
+    base = identity(config)
+    assert base["start"] == "init" and base["parent"] == "seedkey"
     # What it is trained on and from.
-    assert key(config, ids=np.arange(1, 11)) != base
-    assert key(config, parent="otherseed") != base
+    assert identity(config, ids=np.arange(1, 11)) != base
+    assert identity(config, parent={**seed, "key": "otherseed"}) != base
     # How: steps, the continued-pretraining learning rate, the model.
-    assert key(config, steps=6) != base
-    assert key(_config(**{"ablation.cpt_lr_ratio": 0.2})) != base
-    assert key(_config(**{"model.num_layers": 3})) != base
-    # Not: logging, checkpointing, the mesh, the experiment's other choices, the seed's folder.
+    assert identity(config, steps=6) != base
+    assert identity(_config(**{"ablation.cpt_lr_ratio": 0.2})) != base
+    assert identity(_config(**{"model.num_layers": 3})) != base
+    # Not: logging, checkpointing, the mesh, the experiment's other choices, the pool's folder.
     for unrelated in ({"train.log_every": 3}, {"train.checkpoint_every": 7},
                       {"mesh.data": 1}, {"ablation.bootstrap": 9},
-                      {"ablation.max_mixtures": 7}, {"ablation.model_pool": "/elsewhere"}):
-        assert key(_config(**unrelated)) == base, unrelated
+                      {"ablation.max_mixtures": 7}, {"model_pool": "/elsewhere"},
+                      {"train.eval_per_domain": 3}):
+        assert identity(_config(**unrelated)) == base, unrelated
     # The continued-pretraining ratio does not change the seed model.
-    seed_key = lambda c: abl.model_key(  # noqa: E731
-        abl.model_identity(abl.model_config(c, 20), "pool", ids, None))
-    assert seed_key(_config(**{"ablation.cpt_lr_ratio": 0.2})) == seed_key(config)
+    seed_identity = lambda c: runs.model_identity(  # noqa: E731
+        abl.model_config(c, 20), data, ids, None, None)
+    assert seed_identity(_config(**{"ablation.cpt_lr_ratio": 0.2})) == seed_identity(config)
+    with pytest.raises(ValueError, match="must continue_from or init_from it"):
+        runs.model_identity(abl.model_config(config, 5, "/elsewhere"), data, ids, seed, None)
 
 
 def test_continued_pretraining_config_is_a_constant_tenth_of_the_peak_without_warmup():
@@ -334,7 +340,7 @@ def tiny_run(tmp_path_factory):
     """Runs the shrunken tiny experiment once through the command line."""
     tmp = tmp_path_factory.mktemp("ablations")
     overrides = {**SHRUNK, "data.cache_dir": str(tmp / "cache"),
-                 "ablation.model_pool": str(tmp / "model_pool")}
+                 "model_pool": str(tmp / "model_pool")}
     experiment_runs.run("data_ablations", tmp / "first", overrides)
     report = json.loads((tmp / "first" / "report.json").read_text())
     return tmp, overrides, report
@@ -470,11 +476,10 @@ def test_second_experiment_finds_every_model_in_the_pool(tiny_run, tmp_path, mon
     def no_training(*args, **kwargs):
         raise AssertionError(f"trained a model that is in the pool: {args[1]}")
 
-    monkeypatch.setattr(runs, "train_and_evaluate", no_training)
+    monkeypatch.setattr(runs, "train_model", no_training)
     # Another experiment (other bootstrap) over the same seed, partitions and mixtures.
     config = _config(**{**overrides, "ablation.bootstrap": 100})
-    second = launch.run_experiment(config, str(tmp_path / "second"), abl.validate, abl.run,
-                                   abl.to_markdown)
+    second = launch.run_experiment(config, str(tmp_path / "second"), abl.STUDY)
 
     models = second["models"]
     every = [models["seed"], *models["partitions"].values(), *models["gold"].values()]

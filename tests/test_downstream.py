@@ -57,7 +57,7 @@ def test_too_small_domains_and_bad_files_are_left_out_with_the_reason(setup, tmp
     good.write_text("".join(json.dumps({"context": "a b c", "choices": ["d", "e"], "answer": i % 2})
                             + "\n" for i in range(3)) + "{broken\n")
     empty.write_text(json.dumps({"context": "a", "choices": [], "answer": 0}) + "\n")
-    config = _config(setup["cache"], domains=domain, files=f"{good},{empty}")
+    config = _config(setup["cache"], domains=(domain,), files=(str(good), str(empty)))
     others = np.setdiff1d(np.arange(len(heldout)), heldout.ids_of_domain(domain))
     suite = downstream.build(config, heldout, others)  # No eval row of the domain.
     assert set(suite.tasks) == {"mc/quiz"}
@@ -68,7 +68,7 @@ def test_too_small_domains_and_bad_files_are_left_out_with_the_reason(setup, tmp
     assert "no usable items" in suite.skipped["mc/empty"] and "no_choices" in \
         suite.skipped["mc/empty"]
     with pytest.raises(config_lib.ConfigError, match="downstream.domains"):
-        downstream.build(_config(setup["cache"], domains="poetry"), heldout, setup["eval_ids"])
+        downstream.build(_config(setup["cache"], domains=("poetry",)), heldout, setup["eval_ids"])
 
 
 def test_run_reports_each_task_as_evaluate_does_and_macro_averages(setup, tmp_path):
@@ -76,7 +76,7 @@ def test_run_reports_each_task_as_evaluate_does_and_macro_averages(setup, tmp_pa
     quiz = tmp_path / "quiz.jsonl"
     quiz.write_text("".join(json.dumps({"context": "one two", "choices": ["three", "four four"],
                                         "answer": 1}) + "\n" for _ in range(2)))
-    suite = downstream.build(_config(setup["cache"], files=str(quiz)), heldout,
+    suite = downstream.build(_config(setup["cache"], files=(str(quiz),)), heldout,
                              setup["eval_ids"])
     result = downstream.run(trainer, params, suite, 16)
     assert set(result["tasks"]) == set(suite.tasks) and result["skipped"] == {}
@@ -105,7 +105,7 @@ def _downstream(**settings):
     (dict(continuation_len=0), "downstream.continuation_len"),
     (dict(batch_size=0), "downstream.batch_size"),
     (dict(context_len=120, continuation_len=16), "downstream.context_len"),
-    (dict(files="/no/such/file.jsonl"), "downstream.files"),
+    (dict(files=("/no/such/file.jsonl",)), "downstream.files"),
 ])
 def test_impossible_settings_name_the_key(settings, key):
     with pytest.raises(config_lib.ConfigError, match=f"config.{key}:"):

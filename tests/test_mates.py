@@ -44,8 +44,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mates")
     workdir, cache = tmp / "run", tmp / "cache"
     config = _config(cache)
-    result, reads = runs_lib.run_recording_reads(
-        mates, config, workdir, {"stages.png": mates.plot_stages}, "selection")
+    result, reads = runs_lib.run_recording_reads(mates, config, workdir, "selection")
     data = runs.load_data(config)
     return dict(workdir=workdir, cache=cache, config=config, data=data, reads=reads,
                 result=result, candidates=mates.stage_candidates(config, len(data.train_pool)))
@@ -110,15 +109,18 @@ def test_each_stage_selects_from_its_candidates_and_continues_the_last(tiny_run)
     assert first.method == "random" and len(first) == 48 and np.isin(first.ids, candidates[0]).all()
     for stage in (1, 2):
         for arm, method in (("mates", "gumbel_top_k"), ("random", "random")):
-            folder = mates.stage_dir(str(workdir), arm, stage)
+            record = tiny_run["result"]["stages"][arm][stage]
             selection = _selection(workdir, arm, stage)
             assert selection.method == method and len(selection) == 48
             assert np.isin(selection.ids, candidates[stage]).all()
-            rows = report.read_jsonl(folder + "/metrics.jsonl")
+            rows = report.read_jsonl(os.path.join(record["dir"], "metrics.jsonl"))
             assert [r["step"] for r in rows] == list(range(stage * STAGE_STEPS + 1,
                                                            (stage + 1) * STAGE_STEPS + 1))
             assert all(r["lr"] == pytest.approx(lr) for r in rows)  # The stable phase.
-            decayed = report.read_jsonl(folder + "/decayed/metrics.jsonl")
+            decayed = report.read_jsonl(os.path.join(record["evaluated_dir"], "metrics.jsonl"))
+            identity = report.read_json(os.path.join(record["evaluated_dir"],
+                                                     "model.json"))["identity"]
+            assert identity["start"] == "continue" and identity["parent"] == record["key"]
             end = (stage + 1) * STAGE_STEPS
             assert [r["step"] for r in decayed] == list(range(end + 1, end + DECAY + 1))
             rates = [r["lr"] for r in decayed]
@@ -137,7 +139,8 @@ def test_each_probe_state_carries_its_stage_step_and_learning_rate(tiny_run):
     trainer = train.Trainer(mates.stage_config(config, 2))
     items = data.items["target"]
     for stage in (1, 2):
-        state, _ = train.load_state(trainer, mates.stage_dir(str(workdir), "mates", stage - 1))
+        state, _ = train.load_state(trainer, tiny_run["result"]["stages"]["mates"][stage - 1]
+                                    ["dir"])
         assert int(state.step) == stage * STAGE_STEPS
         assert float(trainer.schedule(int(state.step))) == pytest.approx(config.optim.lr)
         oracle = np.load(workdir / f"stages/{stage}-mates/oracle.npz")
@@ -170,7 +173,7 @@ def test_report_recomputed_from_the_saved_models(tiny_run):
                                   config.roles.target_eval_items)
     finals = {}
     for arm in mates.ARMS:  # The final model is the last stage's decayed copy.
-        folder = mates.stage_dir(str(workdir), arm, 2) + "/decayed"
+        folder = result["stages"][arm][2]["evaluated_dir"]
         params = checkpoint.load_params(folder, trainer.abstract_params())
         finals[arm] = runs_lib.cloze_loss(trainer.model, jax.device_get(params), items)
         assert result["final"][arm]["target_eval_loss"] == pytest.approx(finals[arm], rel=2e-4)
@@ -202,14 +205,15 @@ def test_report_recomputed_from_the_saved_models(tiny_run):
 
 def test_killed_stage_resumes_to_the_same_result(tiny_run):
     """Deleting what a kill during the last MATES stage would leave undone (its predictions,
-    selection, training, decayed copy and the report) and running again recomputes exactly
-    that, reusing the oracle probes, and gives the same result."""
+    selection, evaluation, its model and decayed copy in the pool, and the report) and running
+    again recomputes exactly that, reusing the oracle probes, and gives the same result."""
     workdir, stage = tiny_run["workdir"], tiny_run["workdir"] / "stages/2-mates"
+    record = tiny_run["result"]["stages"]["mates"][2]
     oracle_mtime = os.path.getmtime(stage / "oracle.npz")
-    for name in ("predictions.npz", "selection.json", "model.json"):
+    for name in ("predictions.npz", "selection.json", "evaluation.json"):
         os.remove(stage / name)
-    subprocess.run(["rm", "-rf", str(stage / "checkpoints"), str(stage / "metrics.jsonl"),
-                    str(stage / "decayed"), str(workdir / "report.json")], check=True)
+    subprocess.run(["rm", "-rf", record["dir"], record["evaluated_dir"],
+                    str(workdir / "report.json")], check=True)
     runs_lib.run("mates", workdir, {**OVERRIDES, "data.cache_dir": tiny_run["cache"]},
                  timeout=1200)
     assert os.path.getmtime(stage / "oracle.npz") == oracle_mtime

@@ -1,15 +1,18 @@
 """Pool: packing round trip, segment invariants, labels, split, cache, atomic build, report."""
 
 import collections
+import functools
+import importlib.metadata
 import json
 import os
+import sysconfig
 
 import numpy as np
 import pytest
 
 from jaxsel import config as config_lib
+from jaxsel.data import local_corpus, readers, sources
 from jaxsel.data import pool as pool_lib
-from jaxsel.data import sources
 from jaxsel.data import tokenizer as tokenizer_lib
 
 SEQ_LEN = 16
@@ -44,7 +47,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(corpus, tmp_path_factory):
     """The corpus's pools, built with packers flushing every few rows (as on a large corpus)."""
-    config = _config(tmp_path_factory.mktemp("cache"), paths=str(corpus))
+    config = _config(tmp_path_factory.mktemp("cache"), paths=(str(corpus),))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pool_lib, "_FLUSH_TOKENS", 3 * SEQ_LEN + 5)
         return config, pool_lib.build_pools(config)
@@ -147,8 +150,8 @@ def test_heldout_groups_hold_whole_documents(built):
 def test_document_packing_starts_every_document_on_a_row(corpus, tmp_path):
     """`data.packing="document"`: each document's first token is a row's first token, and the
     documents are the ones concat packing holds, token for token."""
-    config = _config(tmp_path, paths=str(corpus), packing="document")
-    concat = pool_lib.build_pools(_config(tmp_path, paths=str(corpus)))
+    config = _config(tmp_path, paths=(str(corpus),), packing="document")
+    concat = pool_lib.build_pools(_config(tmp_path, paths=(str(corpus),)))
     for split, pool in pool_lib.build_pools(config).items():
         segments = np.asarray(pool.segments)
         starts = {}
@@ -172,7 +175,7 @@ def test_split_is_deterministic_disjoint_and_covers_every_domain(built, corpus, 
                 for split, p in ps.items()}
 
     first = doc_sets(pools)
-    again = doc_sets(pool_lib.build_pools(_config(tmp_path, paths=str(corpus))))
+    again = doc_sets(pool_lib.build_pools(_config(tmp_path, paths=(str(corpus),))))
     assert first == again
     assert not first["train"] & first["heldout"]
     domain_of = {d.doc_id: d.domain for d in _source_docs(config)}
@@ -259,7 +262,7 @@ def test_a_failed_build_leaves_no_pool(corpus, tmp_path, monkeypatch):
         raise RuntimeError("killed mid-build")
 
     monkeypatch.setattr(pool_lib, "_write_reports", crash)
-    config = _config(tmp_path, paths=str(corpus))
+    config = _config(tmp_path, paths=(str(corpus),))
     with pytest.raises(RuntimeError, match="killed"):
         pool_lib.build_pools(config)
     assert list((tmp_path / "pools").iterdir()) == []
@@ -269,7 +272,7 @@ def test_a_failed_build_leaves_no_pool(corpus, tmp_path, monkeypatch):
 
 def test_cached_pool_with_a_larger_tokenizer_names_model_vocab_size(built, corpus, tmp_path):
     _, pools = built
-    config = _config(tmp_path, paths=str(corpus), tokenizer=str(pools["train"].tokenizer_path))
+    config = _config(tmp_path, paths=(str(corpus),), tokenizer=str(pools["train"].tokenizer_path))
     assert len(pool_lib.build_pools(config)["train"]) == len(pools["train"])
     config.model.vocab_size = 260
     with pytest.raises(ValueError, match="model.vocab_size=260"):
@@ -318,10 +321,81 @@ def test_splitter_holds_out_by_hash_and_one_document_of_every_domain():
         splitter = pool_lib.Splitter(fraction)
         return [d.doc_id for d in docs if splitter.is_heldout(d)]
 
-    docs = [sources.Document(i, "t", "xy"[i % 2]) for i in range(400)] + \
-        [sources.Document(1000, "t", "single")]
+    docs = [readers.Document(i, "t", "xy"[i % 2]) for i in range(400)] + \
+        [readers.Document(1000, "t", "single")]
     # A tiny fraction: only the rule acts, holding out each domain's second document.
     assert heldout(1e-9, docs) == [2, 3]
     by_hash = [d.doc_id for d in docs if pool_lib.unit_hash(d.doc_id) < 0.3]
     assert set(by_hash) <= set(heldout(0.3, docs)) <= set(by_hash) | {2, 3}
     assert 0.2 < len(by_hash) / len(docs) < 0.4
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input stops the build: no pool is left behind.
+
+
+def _no_pool_left(cache):
+    assert not (cache / "pools").exists() or list((cache / "pools").iterdir()) == []
+
+
+def _write_docs(path, domains):
+    path.write_text("".join(json.dumps({"text": f"text number {i}", "d": d}) + "\n"
+                            for i, d in enumerate(domains)))
+
+
+def test_a_source_without_documents_stops_the_build(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "broken\n{"no": "text"}\n')
+    with pytest.raises(ValueError, match=r"data.source='jsonl': no document survived reading "
+                       r".*bad.jsonl.*\(invalid_json: 1, missing_text_field: 1\)"):
+        pool_lib.build_pools(_config(tmp_path / "cache", paths=(str(path),)))
+    _no_pool_left(tmp_path / "cache")
+
+
+def test_an_empty_train_split_names_heldout_fraction(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, ["a", "b", "c"])  # One document per domain, ids 0, 1, 2.
+    fraction = 0.99
+    assert all(pool_lib.unit_hash(i) < fraction for i in range(3))  # All held out by hash.
+    with pytest.raises(ValueError, match=r"The train split is empty: all 3 documents that "
+                       r"data.source='jsonl' yielded were held out \(data.heldout_fraction=0.99\)"
+                       r".*Lower data.heldout_fraction"):
+        pool_lib.build_pools(_config(tmp_path / "cache", paths=(str(path),),
+                                     heldout_fraction=fraction))
+    _no_pool_left(tmp_path / "cache")
+
+
+def test_an_empty_heldout_split_names_heldout_fraction(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, ["a", "b", "c"])
+    fraction = 0.05
+    assert all(pool_lib.unit_hash(i) >= fraction for i in range(3))  # None held out by hash.
+    with pytest.raises(ValueError, match=r"The held-out split is empty: none of the 3 documents "
+                       r".*Each of its 3 domain\(s\) holds a single document.*Raise "
+                       r"data.heldout_fraction, or give a domain at least two documents "
+                       r"\(data.max_docs=300 caps each domain\)"):
+        pool_lib.build_pools(_config(tmp_path / "cache", paths=(str(path),),
+                                     heldout_fraction=fraction))
+    _no_pool_left(tmp_path / "cache")
+    # A second document in one domain gives the held-out split a document: the build succeeds,
+    # with domains that have no held-out document.
+    _write_docs(path, ["a", "b", "c", "c"])
+    pools = pool_lib.build_pools(_config(tmp_path / "cache", paths=(str(path),),
+                                         heldout_fraction=fraction))
+    assert pools["heldout"].domain_counts(range(len(pools["heldout"]))) == {"c": 1}
+
+
+def test_local_pool_report_records_the_packages_and_roots_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_corpus, "discover", functools.partial(
+        local_corpus.discover, man_root=tmp_path / "no-man", doc_root=tmp_path / "no-doc"))
+    config = _config(tmp_path / "cache", source="local", domain_field="", max_docs=3)
+    pools = pool_lib.build_pools(config)
+    packages = {name: importlib.metadata.version(name)
+                for name in local_corpus.DOCSTRING_PACKAGES}
+    for split, pool in pools.items():
+        record = json.loads((pool.path / "pool.json").read_text())["local_corpus"]
+        assert set(record["domains"]) == {"code", "docstrings", "reference"}, split
+        assert record["domains"]["code"] == {"roots": [sysconfig.get_paths()["stdlib"]]}
+        read = record["domains"]["docstrings"]["packages"]
+        assert {name: entry["version"] for name, entry in read.items()} == packages
+        assert all(entry["files"] > 0 for entry in read.values())

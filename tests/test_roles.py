@@ -102,7 +102,7 @@ def test_unknown_or_too_small_targets_name_the_key(pools, tmp_path):
                             for i, d in enumerate(["big"] * 30 + ["small"] * 2)))
     config = config_lib.base_config("tiny")
     config.model.vocab_size = 300
-    config.data.update(source="jsonl", paths=str(path), domain_field="d", seq_len=16,
+    config.data.update(source="jsonl", paths=(str(path),), domain_field="d", seq_len=16,
                        heldout_fraction=0.9, cache_dir=str(tmp_path / "cache"))
     heldout = pool_lib.build_pools(config)["heldout"]
     assert roles_lib.assign(heldout, _section(target_domain="big")).ids["target"].size

@@ -7,6 +7,7 @@ and embedding models shown to be different runs; then a killed run resuming from
 artifacts to the same numbers."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -28,7 +29,7 @@ OVERRIDES = {**runs.SMALL,
     "similarity.loss_model.fraction": 0.15, "similarity.loss_model.steps": 40,
     "similarity.embedding_model.fraction": 0.15, "similarity.embedding_model.steps": 40,
     "similarity.analysis_size": 240, "similarity.candidates": 360,
-    "similarity.num_clusters": "4,16", "similarity.pca_dims": 8,
+    "similarity.num_clusters": (4, 16), "similarity.pca_dims": 8,
     "similarity.encoder_max_length": 32, "similarity.ngram_buckets": 256,
     "similarity.select_clusters": 6, "similarity.select_size": 90, "similarity.select_steps": 12,
     "similarity.eval_batch_size": 32, "similarity.bootstrap": 200,
@@ -108,12 +109,12 @@ def test_presets_validate_and_options_reach_the_section():
         assert s.loss_model.fraction > 0 and s.embedding_model.fraction > 0
         assert not s.loss_model.init_from and not s.embedding_model.init_from
     config = sim_config.get_config("tiny,select_size=100,embeddings=encoder,loss_model.steps=7")
-    assert config.similarity.select_size == 100 and config.similarity.embeddings == "encoder"
+    assert config.similarity.select_size == 100 and config.similarity.embeddings == ("encoder",)
     assert config.similarity.loss_model.steps == 7
-    assert sim.parse_num_clusters(" 8, 32") == [8, 32]
-    assert sim.parse_embeddings("ngram_hash,encoder") == ["ngram_hash", "encoder"]
+    assert sim.parse_num_clusters([8, 32]) == (8, 32)
+    assert sim.parse_embeddings(("ngram_hash", "encoder")) == ("ngram_hash", "encoder")
     # Without an LM embedding the embedding model is not used, and may have no share.
-    no_lm = _config(**{"similarity.embeddings": "encoder,ngram_hash",
+    no_lm = _config(**{"similarity.embeddings": ("encoder", "ngram_hash"),
                        "similarity.embedding_model.fraction": 0.0})
     sim.validate(no_lm, num_devices=1)
     assert sim.models_used(no_lm) == ["loss_model"]
@@ -121,13 +122,13 @@ def test_presets_validate_and_options_reach_the_section():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"similarity.embeddings": "encoder,bert"}, "similarity.embeddings: 'bert' is not one of"),
-    ({"similarity.embeddings": "encoder,encoder"}, "similarity.embeddings: .* twice"),
-    ({"similarity.embeddings": " , "}, "similarity.embeddings: names nothing"),
+    ({"similarity.embeddings": ("encoder", "bert")}, "similarity.embeddings: 'bert' is not one"),
+    ({"similarity.embeddings": ("encoder", "encoder")}, "similarity.embeddings: .* twice"),
+    ({"similarity.embeddings": ()}, "similarity.embeddings: names nothing"),
     ({"similarity.select_embedding": "tfidf"}, "similarity.select_embedding: 'tfidf' is not"),
-    ({"similarity.num_clusters": "4,300"}, "similarity.num_clusters: K=300 exceeds"),
-    ({"similarity.num_clusters": "4,x"}, "similarity.num_clusters: '4,x' is not"),
-    ({"similarity.num_clusters": "1,4"}, "similarity.num_clusters: .* >= 2"),
+    ({"similarity.num_clusters": (4, 300)}, "similarity.num_clusters: K=300 exceeds"),
+    ({"similarity.num_clusters": (4, "x")}, "similarity.num_clusters: must be a tuple of int"),
+    ({"similarity.num_clusters": (1, 4)}, "similarity.num_clusters: .* >= 2"),
     ({"similarity.select_size": 400}, "similarity.select_size: 400 exceeds"),
     ({"similarity.select_clusters": 0}, "similarity.select_clusters: must be >= 1"),
     ({"similarity.select_neighbors": 0}, "similarity.select_neighbors: must be >= 1"),
@@ -251,8 +252,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _params(tiny_run, folder):
-    return checkpoint.load_params(str(tiny_run["workdir"] / folder),
-                                  tiny_run["trainer"].abstract_params())
+    return checkpoint.load_params(folder, tiny_run["trainer"].abstract_params())
 
 
 def test_clustering_metrics_and_intervals_recomputed_from_the_artifacts(tiny_run):
@@ -317,7 +317,7 @@ def test_random_clusters_are_the_floor(tiny_run):
 
 
 def _selection(tiny_run, arm):
-    return select.Selection.load(tiny_run["workdir"] / "models" / arm / "selection.json")
+    return select.Selection.load(tiny_run["workdir"] / "arms" / arm / "selection.json")
 
 
 def test_diverse_pick_is_one_representative_per_threshold_cluster(tiny_run):
@@ -405,7 +405,8 @@ def test_each_arm_is_a_valid_selection_evaluated_on_the_held_out_eval_rows(tiny_
             assert not np.isin(selection.ids, ids[share]).any()
         record = sel["arms"][arm]
         assert record["train_sequences"] == 90 and record["steps"] == 12
-        steps = [r["step"] for r in report.read_jsonl(workdir / "models" / arm / "metrics.jsonl")]
+        steps = [r["step"] for r in report.read_jsonl(os.path.join(record["dir"],
+                                                                   "metrics.jsonl"))]
         assert steps[-1] == 12
         counts = np.bincount(np.asarray(pool.domains)[selection.ids], minlength=4)
         assert record["domains"] == {d: int(c) for d, c in zip(pool.domain_names, counts,
@@ -414,7 +415,7 @@ def test_each_arm_is_a_valid_selection_evaluated_on_the_held_out_eval_rows(tiny_
         assert record["clusters_covered"] == {
             name: len(np.unique(clusters[name][rows])) for name in ("threshold", "kmeans")}
         recomputed[arm] = _perplexity_by_hand(tiny_run["trainer"].model,
-                                              _params(tiny_run, f"models/{arm}"), heldout,
+                                              _params(tiny_run, sel["arms"][arm]["dir"]), heldout,
                                               eval_ids)
         assert set(record["eval"]) == set(recomputed[arm])
         for domain, value in recomputed[arm].items():
@@ -442,13 +443,14 @@ def test_embedding_and_loss_models_are_different_runs(tiny_run):
     workdir, pool, ids = tiny_run["workdir"], tiny_run["train_pool"], tiny_run["ids"]
     models = tiny_run["result"]["models"]
     loss_model, embedding_model = models["loss_model"], models["embedding_model"]
-    assert (loss_model["folder"], embedding_model["folder"]) == ("loss_model", "embedding_model")
+    assert loss_model["dir"] != embedding_model["dir"]
+    assert (tiny_run["workdir"] / "loss_model" / "evaluation.json").exists()
     assert loss_model["seed"] != embedding_model["seed"]
     assert loss_model["train_sequences"] == len(ids["loss_model"]) == round(0.15 * len(pool))
     assert embedding_model["train_sequences"] == len(ids["embedding_model"])
     assert not np.intersect1d(ids["loss_model"], ids["embedding_model"]).size
     assert loss_model["steps"] == embedding_model["steps"] == 40
-    params = {role: _params(tiny_run, role) for role in models}
+    params = {role: _params(tiny_run, models[role]["dir"]) for role in models}
     assert not np.allclose(*(jax.tree.leaves(p)[0] for p in params.values()))
     # The saved losses are the loss model's, not the embedding model's.
     sample = np.load(workdir / "losses.npz")
@@ -472,15 +474,15 @@ def test_embedding_and_loss_models_are_different_runs(tiny_run):
 def test_a_pretrained_loss_model_is_taken_from_init_from(tiny_run, tmp_path):
     """`loss_model.init_from` at the run's loss model: its seed and step are reported, nothing
     is trained, and the sample's losses are the same numbers."""
-    folder = str(tiny_run["workdir"] / "loss_model")
+    folder = tiny_run["result"]["models"]["loss_model"]["dir"]
     config = _config(**{"data.cache_dir": str(tiny_run["cache"]),
                         "similarity.loss_model.init_from": folder,
-                        "similarity.embeddings": "ngram_hash",
+                        "similarity.embeddings": ("ngram_hash",),
                         "similarity.select_embedding": "ngram_hash"})
     sim.validate(config, num_devices=1)
     assert sim.models_used(config) == ["loss_model"]
     experiment = sim.Experiment(config, str(tmp_path))
-    assert experiment.model("loss_model") == dict(folder=folder, trained_here=False, seed=1,
+    assert experiment.model("loss_model") == dict(dir=folder, trained_here=False, seed=1,
                                                   steps=40)
     assert not (tmp_path / "loss_model").exists()
     np.testing.assert_allclose(experiment.losses()["losses"],
@@ -504,19 +506,23 @@ def test_report_shows_the_tables_and_the_figure(tiny_run):
 
 def test_killed_run_resumes_from_the_cached_artifacts(tiny_run):
     """Deleting what a kill could leave undone (an embedding and its clusters, the clusters of a
-    saved embedding, the random model's marker, the report) and running again recomputes exactly
-    that, reusing the rest, and gives the same numbers."""
+    saved embedding, the random arm's model and evaluation, the report) and running again
+    recomputes exactly that, reusing the rest, and gives the same numbers."""
     workdir, first = tiny_run["workdir"], tiny_run["result"]
-    kept = [workdir / "losses.npz", workdir / "loss_model" / "model.json",
-            workdir / "embedding_model" / "model.json", workdir / "embeddings" / "encoder.npz",
+    models = {**first["models"], **first["selection"]["arms"]}
+    kept = [workdir / "losses.npz", workdir / "embeddings" / "encoder.npz",
             workdir / "embeddings" / "lm_token_mean.npz", workdir / "selection" / "clusters.npz",
-            workdir / "models" / "diverse" / "model.json"]
+            workdir / "arms" / "diverse" / "evaluation.json",
+            *(os.path.join(models[m]["dir"], "model.json") for m in ("loss_model",
+                                                                       "embedding_model",
+                                                                       "diverse"))]
     mtimes = [os.path.getmtime(p) for p in kept]
     old = {path: dict(np.load(workdir / path)) for path in (
         "embeddings/ngram_hash.npz", "clusters/ngram_hash.npz", "clusters/lm_token_mean.npz")}
     for path in ("report.json", "report.md", "variance_reduction.png", *old,
-                 "models/random/model.json"):
+                 "arms/random/evaluation.json"):
         os.remove(workdir / path)
+    shutil.rmtree(models["random"]["dir"])
     _run(workdir, tiny_run["cache"])
     assert [os.path.getmtime(p) for p in kept] == mtimes
     for path, arrays in old.items():

@@ -3,7 +3,8 @@
     python -m experiments.compare_selectors \
         --config=experiments/configs/compare_selectors.py:tiny --workdir=DIR
     python -m experiments.compare_selectors \
-        --config=experiments/configs/compare_selectors.py:small,selectors=random,mates ...
+        --config=experiments/configs/compare_selectors.py:small \
+        --config.compare.selectors="('random', 'mates')" ...
 
 `train.steps` follows `compare.seed_steps + compare.select_steps` (set either of those, not it):
 one learning-rate schedule that the seed run starts (it stops at `seed_steps`) and every arm
@@ -17,7 +18,7 @@ aim at and whose `target_eval` items rank the arms. The `compare` section:
 - `candidates`: rows (seeded, disjoint from the seed's share) every selector chooses from;
   `select_size`: how many each selector picks; `select_steps`: steps each arm trains on its pick,
   continuing the seed model's whole state (params, AdamW moments, step).
-- `selectors`: comma-separated names of `jaxsel.selectors` (its docstring says what each picks).
+- `selectors`: a tuple of names of `jaxsel.selectors` (its docstring says what each picks).
 - `encoder`: the BERT-family folder (empty: all-MiniLM-L6-v2); `encoder_max_length`: its input
   window in encoder tokens; the embedding selectors read one window, MATES' influence model
   `encoder_windows` of them (MATES: 2 x 512, mean-pooled).
@@ -49,7 +50,8 @@ COMPARE_PRESETS = {
                select_size=2_048_000, select_steps=80_000, encoder_max_length=512,
                clusters=1000, probe_size=4_000, fit_epochs=5, fit_lr=5e-5, fit_batch_size=64),
 }
-SELECTORS = "random,low_loss,semdedup,nearest,cluster_stratified,diverse,first_order,mates"
+SELECTORS = ("random", "low_loss", "semdedup", "nearest", "cluster_stratified", "diverse",
+             "first_order", "mates")
 
 
 def get_config(arg=None):
@@ -61,6 +63,8 @@ def get_config(arg=None):
         selectors=SELECTORS, encoder="", encoder_windows=2, dedup_threshold=0.9, probe_chunk=16,
         fit_weight_decay=0.01, fit_val_fraction=0.1, predict_batch_size=64, temperature=0.5,
         eval_batch_size=64, **scale))
+    if preset == "tiny":
+        config.train.eval_every = 20  # Held-out loss points on every arm's curve (curves.png).
     # A reference, so that options and command-line overrides of either count carry over.
     config.train.steps = config.compare.get_ref("seed_steps") + config.compare.get_ref(
         "select_steps")

@@ -5,21 +5,21 @@
     python -m experiments.data_ablations \
         --config=experiments/configs/data_ablations.py:small,partitions=domains:2 \
         --config.data.source=jsonl --config.data.paths=DATA.jsonl \
-        --config.data.domain_field=source --config.ablation.domains=arxiv,github,wiki \
+        --config.data.domain_field=source --config.ablation.domains="('arxiv', 'github', 'wiki')" \
         --workdir=DIR
 
 The `ablation` section (every other section is the shared one of `jaxsel.config`; `train.steps`
 is not used: each model's step count comes from `seed_steps` / `partition_steps`):
 
-- `seed_domains`: the train-pool domains (comma-separated) the seed model is pretrained on, all
+- `seed_domains`: a tuple of the train-pool domains the seed model is pretrained on, all
   their rows; they must be disjoint from `domains`, so the seed's data is separate from the
-  partitions' (as in the paper, where the seed corpus is not among the partitions). `others`:
+  partitions' (as in the paper, where the seed corpus is not among the partitions). `("others",)`:
   every domain not in `domains` (then `domains` must name the partitions' domains). Empty: a
   shared seed, pretrained on a seeded `seed_fraction` of the rows of every domain, the partitions
   drawn from the rest.
 - `seed_fraction`: with a shared seed (`seed_domains` empty), the share of the train pool (a
   seeded random subset, by `seed`) the seed model is pretrained on; unused otherwise.
-- `domains`: comma-separated train-pool domains the partitions are made of; empty: all but the
+- `domains`: a tuple of the train-pool domains the partitions are made of; empty: all but the
   seed's.
 - `seed_steps`: pretraining steps of the seed model (with `optim` as configured).
 - `partition_steps`: continued-pretraining steps on each partition; a gold model on a union of m
@@ -31,9 +31,6 @@ is not used: each model's step count comes from `seed_steps` / `partition_steps`
 - `eval_batch_size`: sequences per batch when evaluating the proxies (merged models); they are
   evaluated, like every model, on the held-out `eval` rows (`jaxsel.roles`), at most the first
   `train.eval_per_domain` of each domain. Every held-out domain is an eval set.
-- `model_pool`: the folder of trained models, found by a key of what and how each was trained, so
-  a later experiment with the same seed model and partitions reuses them; empty:
-  `<workdir>/model_pool`.
 - `bootstrap`: resamples of each correlation's 95% percentile bootstrap interval. The unit drawn
   is a mixture: per eval set the correlation is across mixtures, and the one pooled over
   (mixture, eval set) pairs draws mixtures with all their eval sets.
@@ -45,8 +42,8 @@ from jaxsel import config as config_lib
 
 # Larger presets cannot know a user's domain names: their seed trains on the domains `others`
 # than the partitions' `domains`, which the user names (a run that names none is refused, with
-# what to set); set `seed_domains=''` for a shared seed over every domain instead.
-_LARGE = dict(seed_fraction=0.5, seed_domains="others", domains="", partitions="domains",
+# what to set); set `seed_domains=()` for a shared seed over every domain instead.
+_LARGE = dict(seed_fraction=0.5, seed_domains=("others",), domains=(), partitions="domains",
               max_mixtures=20, eval_batch_size=256, bootstrap=1000)
 ABLATION_PRESETS = {
     # Two domains every Python install has, each in 2 parts: 4 partitions, all 6 unions of 2 and
@@ -54,7 +51,7 @@ ABLATION_PRESETS = {
     # least the Python reference docs; man pages and docs where the machine has them). With a
     # fresh cache, 11-13 minutes on 2 CPU cores shared with other jobs: the pool and tokenizer
     # ~35 s, training the 15 models ~6 min, evaluating them and the 10 proxies ~6 min.
-    "tiny": dict(seed_fraction=0.3, seed_domains="others", domains="code,docstrings",
+    "tiny": dict(seed_fraction=0.3, seed_domains=("others",), domains=("code", "docstrings"),
                  partitions="domains:2", seed_steps=150, partition_steps=30, max_mixtures=0,
                  eval_batch_size=64, bootstrap=1000),
     "small": dict(_LARGE, seed_steps=20_000, partition_steps=2_000),
@@ -67,6 +64,6 @@ def get_config(arg=None):
     preset, options = config_lib.parse_arg(arg)
     config = config_lib.base_config(preset)
     config.ablation = ml_collections.ConfigDict(dict(
-        cpt_lr_ratio=0.1, model_pool="", **ABLATION_PRESETS[preset]))
+        cpt_lr_ratio=0.1, **ABLATION_PRESETS[preset]))
     config_lib.apply_options(config, options)
     return config

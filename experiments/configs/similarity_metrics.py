@@ -23,7 +23,7 @@ The `similarity` section:
   By default the two are different runs (other seeds, disjoint rows), so the comparison is not
   circular; point both `init_from` at one run to measure the circular setting.
 - `analysis_size`: train-pool rows whose losses the embeddings' clusters should explain.
-- `embeddings`: comma-separated, any of `lm_token_mean` (mean of the embedding model's input
+- `embeddings`: a tuple of any of `lm_token_mean` (mean of the embedding model's input
   token embeddings), `lm_output_mean` (mean of its final hidden states), `encoder` (an
   off-the-shelf sentence encoder), `ngram_hash` (hashed unigram + bigram counts, the no-model
   baseline).
@@ -32,7 +32,7 @@ The `similarity` section:
 - `ngram_buckets`: hash buckets of `ngram_hash`.
 - `pca_dims`: every embedding is standardised, projected on this many principal components
   (fitted on the rows it embeds) and L2-normalised before clustering.
-- `num_clusters`: comma-separated cluster counts K of the balanced k-means of the analysis.
+- `num_clusters`: a tuple of cluster counts K of the balanced k-means of the analysis.
 - `bootstrap`: resamples of the 95% intervals of the variance reductions and purity (0: none).
 - `candidates`: rows (seeded, outside the models' shares) the selections choose from; the
   analysis sample is the first rows of the same draw, so one holds the other.
@@ -54,23 +54,23 @@ SIMILARITY_PRESETS = {
     # and three 80-step arms.
     "tiny": dict(loss_model=dict(fraction=0.25, steps=150),
                  embedding_model=dict(fraction=0.25, steps=150), analysis_size=1000,
-                 num_clusters="8,32", pca_dims=32, encoder_max_length=64, ngram_buckets=1024,
+                 num_clusters=(8, 32), pca_dims=32, encoder_max_length=64, ngram_buckets=1024,
                  candidates=2000, select_clusters=16, select_size=640, select_steps=80,
                  eval_batch_size=64),
     # One epoch of each selection; candidates four times the selection.
     "small": dict(loss_model=dict(fraction=0.1, steps=10_000),
                   embedding_model=dict(fraction=0.1, steps=10_000), analysis_size=50_000,
-                  num_clusters="100,1000", pca_dims=64, encoder_max_length=256,
+                  num_clusters=(100, 1000), pca_dims=64, encoder_max_length=256,
                   ngram_buckets=4096, candidates=2_560_000, select_clusters=1000,
                   select_size=640_000, select_steps=2_500, eval_batch_size=256),
     "410m": dict(loss_model=dict(fraction=0.1, steps=20_000),
                  embedding_model=dict(fraction=0.1, steps=20_000), analysis_size=100_000,
-                 num_clusters="100,1000", pca_dims=64, encoder_max_length=256,
+                 num_clusters=(100, 1000), pca_dims=64, encoder_max_length=256,
                  ngram_buckets=4096, candidates=5_120_000, select_clusters=1000,
                  select_size=1_280_000, select_steps=2_500, eval_batch_size=256),
     "1b": dict(loss_model=dict(fraction=0.1, steps=20_000),
                embedding_model=dict(fraction=0.1, steps=20_000), analysis_size=100_000,
-               num_clusters="100,1000", pca_dims=64, encoder_max_length=256, ngram_buckets=4096,
+               num_clusters=(100, 1000), pca_dims=64, encoder_max_length=256, ngram_buckets=4096,
                candidates=10_240_000, select_clusters=1000, select_size=2_560_000,
                select_steps=5_000, eval_batch_size=256),
 }
@@ -83,7 +83,7 @@ def get_config(arg=None):
     models = {role: dict(seed=seed, init_from="", **scale.pop(role))
               for role, seed in (("loss_model", 1), ("embedding_model", 2))}
     config.similarity = ml_collections.ConfigDict(dict(
-        embeddings="lm_token_mean,lm_output_mean,encoder,ngram_hash", encoder="",
+        embeddings=("lm_token_mean", "lm_output_mean", "encoder", "ngram_hash"), encoder="",
         select_embedding="encoder", select_neighbors=16, bootstrap=1000, **models, **scale))
     config_lib.apply_options(config, options)
     return config

@@ -14,14 +14,17 @@ groups: the held-out roles (`jaxsel.roles`: target / target_eval / eval) are uni
 therefore never share a document. Both splits
 are built in one streaming pass into a temporary folder that is renamed into place when complete,
 under a key that hashes everything the pool is built from; a second `build_pools` with the same
-inputs reads the cached pool without reading the source.
+inputs reads the cached pool without reading the source. A source that yields no document, or a
+split that gets none, stops the build with an error and leaves no pool behind.
 
 Layout of a pool folder: `tokenizer.json`, and per split (`train/`, `heldout/`): `tokens.npy`,
 `segments.npy` [N, L] int32, `domains.npy`, `labels.npy`, `groups.npy` (the held-out document
 group of each row; 0 in train) [N] int32, `doc_offsets.npy` [N+1] and
 `doc_ids.npy` [M] int64 (CSR: the doc ids of row i are `doc_ids[doc_offsets[i]:doc_offsets[i+1]]`),
-and `pool.json`, the build report; `near_duplicates.npy` [P, 2] int64, the (original, copy) document
-ids of the near-duplicates the source planted (the synthetic corpus; empty for real sources).
+and `pool.json`, the build report (for the local corpus it records what was read: each domain's
+roots, or its packages with their installed versions); `near_duplicates.npy` [P, 2] int64, the
+(original, copy) document ids of the near-duplicates the source planted (the synthetic corpus;
+empty for real sources).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from jaxsel.data import sources
+from jaxsel.data import readers, sources
 from jaxsel.data import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 2
@@ -166,7 +169,7 @@ class Splitter:
         self._seen: collections.Counter = collections.Counter()
         self._has_heldout: set[str] = set()
 
-    def is_heldout(self, doc: sources.Document) -> bool:
+    def is_heldout(self, doc: readers.Document) -> bool:
         position = self._seen[doc.domain]
         self._seen[doc.domain] += 1
         heldout = unit_hash(doc.doc_id) < self.heldout_fraction or (
@@ -340,6 +343,7 @@ def _build(config, folder: Path) -> None:
         skipped: collections.Counter = collections.Counter()
         docs = sources.read_documents(d, skipped, seed=seed)
         stats = _pack(docs, tok, d, tmp)
+        _check_splits(stats, d)
         np.save(tmp / "near_duplicates.npy", np.asarray(stats.near_duplicates, np.int64)
                 .reshape(-1, 2))
         _write_reports(tmp, stats, skipped, d, tok, key=folder.name, seconds=time.time() - start)
@@ -350,6 +354,28 @@ def _build(config, folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_splits(stats: _BuildStats, d) -> None:
+    """Stops the build if a split holds no document (a domain without held-out documents is
+    fine: the held-out roles skip it)."""
+    counts = {split: sum(c["documents"] for c in stats.per_domain[split].values())
+              for split in SPLITS}
+    total = sum(counts.values())
+    if not counts["train"]:
+        raise ValueError(
+            f"The train split is empty: all {total} documents that data.source={d.source!r} "
+            f"yielded were held out (data.heldout_fraction={d.heldout_fraction}), so there is "
+            f"nothing to train on. Lower data.heldout_fraction or give the source more documents.")
+    if not counts["heldout"]:
+        cap = f" (data.max_docs={d.max_docs} caps each domain)" if d.max_docs else ""
+        raise ValueError(
+            f"The held-out split is empty: none of the {total} documents that "
+            f"data.source={d.source!r} yielded was held out, so there is nothing to evaluate on. "
+            f"Each of its {len(stats.domain_names)} domain(s) holds a single document (a "
+            f"domain's second document is always held out) and none hashed below "
+            f"data.heldout_fraction={d.heldout_fraction}. Raise data.heldout_fraction, or give "
+            f"a domain at least two documents{cap}.")
 
 
 @dataclasses.dataclass
@@ -363,7 +389,7 @@ class _BuildStats:
     near_duplicates: list[tuple[int, int]]  # (original, copy) document ids.
 
 
-def _pack(docs: Iterable[sources.Document], tok, d, folder: Path) -> _BuildStats:
+def _pack(docs: Iterable[readers.Document], tok, d, folder: Path) -> _BuildStats:
     """Tokenizes documents in batches and packs them per (split, domain, held-out group) into the
     split writers."""
     eos = tokenizer_lib.eos_id(tok)
@@ -429,6 +455,7 @@ def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
 
 def _write_reports(folder: Path, stats: _BuildStats, skipped: collections.Counter, d, tok,
                    key: str, seconds: float) -> None:
+    corpus_manifest = sources.manifest(d)
     for split in SPLITS:
         domains = {name: {k: int(stats.per_domain[split][name][k])
                           for k in ("documents", "tokens", "sequences")}
@@ -445,6 +472,7 @@ def _write_reports(folder: Path, stats: _BuildStats, skipped: collections.Counte
             seq_len=d.seq_len, heldout_fraction=d.heldout_fraction,
             heldout_groups=d.heldout_groups, packing=d.packing,
             near_duplicate_pairs=len(stats.near_duplicates),
+            local_corpus=corpus_manifest,
             tokenizer=d.tokenizer or "trained byte-level BPE",
             tokenizer_hash=tokenizer_lib.tokenizer_hash(tok),
             vocab_size=tok.get_vocab_size(with_added_tokens=True),
