@@ -40,7 +40,8 @@ Writes into --workdir: config.json, report.json, report.md, variance_reduction.p
   of `losses.npz`'s ids) and, for the selection embedding, `candidates`;
 - `clusters/<name>.npz`: `k<K>`, the cluster of each sample row (`random`: the baseline);
 - `selection/clusters.npz`: the candidates' `ids`, their balanced k-means clusters (`kmeans`),
-  their threshold clusters (`threshold`, the clusters `diverse` represents) and its `epsilon`;
+  their threshold clusters (`threshold`, the clusters `diverse` represents) and the cut's params
+  (`threshold_params`, JSON: its `epsilon`, edges, pair coverage);
 - `arms/<arm>/`: `selection.json` and its model's `evaluation.json`.
 The LMs' training runs are models of the model pool (`runs.model`, default `<workdir>/models`).
 Every artifact is written atomically once (by process 0) and reused, so a killed run resumes
@@ -49,6 +50,7 @@ where it was. The report is drawn by `experiments.similarity_report`.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -67,10 +69,6 @@ LM_EMBEDDINGS = ("lm_token_mean", "lm_output_mean")
 MODELS = ("loss_model", "embedding_model")
 RANDOM, DOMAINS = report_lib.RANDOM, report_lib.DOMAINS  # The clustering table's reference rows.
 ARMS = ("diverse", "cluster_stratified", "random")
-# Each clustering metric and whether it is of the losses (else of the domains).
-METRICS = {"variance_reduction_pooled": (stats.variance_reduction_pooled, True),
-           "variance_reduction_unweighted": (stats.variance_reduction_unweighted, True),
-           "purity": (stats.purity, False)}
 # Separate random streams of config.seed.
 _SPLIT, _PCA, _KMEANS, _BASELINE, _BOOTSTRAP, _SELECT_KMEANS, _SELECT = range(7)
 
@@ -193,58 +191,6 @@ def split_ids(config: ml_collections.ConfigDict, pool_size: int) -> dict[str, np
     return dict(loss_model=np.sort(order[:cuts[0]]),
                 embedding_model=np.sort(order[cuts[0]:cuts[1]]),
                 analysis=np.sort(rest[:s.analysis_size]), candidates=np.sort(rest[:s.candidates]))
-
-
-def random_clusters(n: int, k: int, seed: int) -> np.ndarray:
-    """[n] labels: a seeded random assignment of n points to k clusters of sizes n // k or
-    n // k + 1."""
-    return np.random.default_rng(seed).permutation(np.arange(n) % k)
-
-
-def expected_random_variance_reduction(sizes_C) -> dict[str, float]:
-    """The expected variance reductions of a uniformly random assignment of N values to
-    clusters of the given sizes. A cluster of m values drawn without replacement keeps, in
-    expectation, (m - 1) / (N - 1) of the total sum of squares, so its variance is
-    (1 - 1 / m) N / (N - 1) times the total's: `pooled` is (C - 1) / (N - 1) whatever the sizes,
-    `unweighted` is 1 - N / (N - 1) mean_c (1 - 1 / m_c) (the same for equal sizes)."""
-    sizes_C = np.asarray(sizes_C, np.float64)
-    n = sizes_C.sum()
-    return {"pooled": float((len(sizes_C) - 1) / (n - 1)),
-            "unweighted": float(1 - n / (n - 1) * np.mean(1 - 1 / sizes_C))}
-
-
-def cluster_metrics(losses_N: np.ndarray, domains_N: np.ndarray, clusters_N: np.ndarray,
-                    num_resamples: int, seed: int, interval: str = "bootstrap") -> dict:
-    """Both variance reductions of the losses and the domain purity of one clustering (`METRICS`),
-    its number of clusters `k`, the range of their `sizes`, its `singletons`, and (with
-    `num_resamples`) a 95% interval of each metric (`<metric>_ci`), every metric resampled with
-    the same `seed`:
-
-    - `bootstrap`: `stats.bootstrap_ci(metric, values, clusters, num_resamples, seed)`, the
-      percentile bootstrap over the rows, the clusters held fixed (a cluster no row of a
-      resample falls in is left out of it). It runs high by about (K - 1) / (N - 1) for variance
-      reduction (a resampled row's copies share a cluster), which matters only next to the floor;
-    - `permutation`: the 2.5% and 97.5% quantiles of the metric over `num_resamples` draws of
-      `default_rng(seed).permutation(clusters)`, the null distribution of clusters of these
-      sizes that know nothing (for the random floor itself).
-    """
-    if interval not in ("bootstrap", "permutation"):
-        raise ValueError(f"interval must be bootstrap or permutation, got {interval!r}")
-    sizes = np.unique(clusters_N, return_counts=True)[1]
-    out = dict(k=int(sizes.size), sizes=[int(sizes.min()), int(sizes.max())],
-               singletons=int((sizes == 1).sum()), interval=interval)
-    for name, (fn, of_losses) in METRICS.items():
-        values = losses_N if of_losses else domains_N
-        out[name] = fn(values, clusters_N)
-        out[f"{name}_ci"] = None
-        if num_resamples and interval == "bootstrap":
-            out[f"{name}_ci"] = list(stats.bootstrap_ci(fn, values, clusters_N, num_resamples,
-                                                        seed))
-        elif num_resamples:
-            rng = np.random.default_rng(seed)
-            null = [fn(values, rng.permutation(clusters_N)) for _ in range(num_resamples)]
-            out[f"{name}_ci"] = [float(q) for q in np.quantile(null, [0.025, 0.975])]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,8 +322,8 @@ class Experiment:
 
         def compute():
             if name == RANDOM:
-                return {f"k{k}": random_clusters(n, k, config_lib.stream_seed(seed, _BASELINE, k))
-                        for k in self.ks}
+                return {f"k{k}": stats.random_clusters(
+                    n, k, config_lib.stream_seed(seed, _BASELINE, k)) for k in self.ks}
             x_NxD = self.embeddings(name)["analysis"]
             index = EMBEDDINGS.index(name)
             return {f"k{k}": cluster.balanced_kmeans(
@@ -389,9 +335,8 @@ class Experiment:
 
     def selection_clusters(self) -> dict[str, np.ndarray]:
         """The candidates' `ids`, their balanced k-means clusters (`kmeans`, `select_clusters`
-        of them) and their threshold clusters (`threshold`: average linkage over the
-        `select_neighbors`-nearest-neighbour graph cut after the N - `select_size` lowest
-        merges, as `select.threshold_diverse` cuts it) with the cut's `epsilon` (NaN: none)."""
+        of them) and their threshold clusters cut at `select_size` (`threshold`, from
+        `select.threshold_clusters`, with its params as JSON in `threshold_params`)."""
         s = self.config.similarity
 
         def compute():
@@ -399,12 +344,10 @@ class Experiment:
             kmeans = cluster.balanced_kmeans(
                 x_NxD, s.select_clusters,
                 seed=config_lib.stream_seed(self.config.seed, _SELECT_KMEANS)).assignments_N
-            u_E, v_E, dist_E = cluster.knn_graph(x_NxD, s.select_neighbors,
-                                                 progress=self.progress)
-            dendrogram = cluster.rac(len(x_NxD), u_E, v_E, dist_E, progress=self.progress)
-            labels, epsilon = dendrogram.labels_for(s.select_size)
+            labels, params = select.threshold_clusters(x_NxD, s.select_size, s.select_neighbors,
+                                                       progress=self.progress)
             return {"ids": self.ids["candidates"], "kmeans": kmeans, "threshold": labels,
-                    "epsilon": np.float64(np.nan if epsilon is None else epsilon)}
+                    "threshold_params": np.array(json.dumps(params))}
 
         return report.cached_npz(self.path("selection", "clusters.npz"), compute)
 
@@ -417,9 +360,10 @@ class Experiment:
         seed = config_lib.stream_seed(self.config.seed, _SELECT, ARMS.index(arm))
         params = {"embedding": s.select_embedding}
         if arm == "diverse":
-            chosen = select.threshold_diverse(self.embeddings(s.select_embedding)["candidates"],
-                                              s.select_size, s.select_neighbors,
-                                              progress=self.progress)
+            clusters = self.selection_clusters()
+            chosen = select.one_per_cluster(self.embeddings(s.select_embedding)["candidates"],
+                                            clusters["threshold"], s.select_size,
+                                            json.loads(str(clusters["threshold_params"])))
         elif arm == "cluster_stratified":
             chosen = select.cluster_stratified(self.selection_clusters()["kmeans"],
                                                s.select_size, seed)
@@ -464,7 +408,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def row(name: str, clusters_N: np.ndarray) -> dict:
         interval = "permutation" if name == RANDOM else "bootstrap"
-        return {"embedding": name, **cluster_metrics(losses_N, domains_N, clusters_N,
+        return {"embedding": name, **stats.cluster_metrics(losses_N, domains_N, clusters_N,
                                                      s.bootstrap, seed, interval)}
 
     rows = [row(DOMAINS, domains_N)]
@@ -490,7 +434,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "resample_seed": seed,
         "clustering": rows,
         "random_expected_variance_reduction": {
-            str(k): expected_random_variance_reduction(np.bincount(baseline[k]))
+            str(k): stats.expected_random_variance_reduction(np.bincount(baseline[k]))
             for k in experiment.ks},
         "selection": {
             "embedding": s.select_embedding, "candidates": int(len(experiment.ids["candidates"])),

@@ -28,7 +28,7 @@ import numpy as np
 import tokenizers
 import tqdm
 
-from jaxsel import rowmap
+from jaxsel import files, rowmap
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
@@ -198,10 +198,8 @@ def encoder_inputs(
             ids_NxM[rows], lengths_N[rows] = encoder_lib.tokenize(encoder, texts, max_tokens)
             bar.update(len(texts))
     if cache_path is not None and jax.process_index() == 0:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp_path, ids=ids_NxM, lengths=lengths_N, fingerprint=np.array(fingerprint))
-        tmp_path.replace(cache_path)
+        with files.atomic_path(cache_path) as tmp:
+            np.savez(tmp, ids=ids_NxM, lengths=lengths_N, fingerprint=np.array(fingerprint))
     return ids_NxM, lengths_N
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 
 
@@ -18,7 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     root, suffix = os.path.splitext(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{root}.tmp.{os.getpid()}{suffix}"
+    tmp = f"{root}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}"  # Unique across hosts.
     try:
         yield tmp
         os.replace(tmp, path)

@@ -312,25 +312,20 @@ def _representatives(emb_NxD: np.ndarray, labels_N: np.ndarray, tie: float = 1e-
     return near[np.unique(labels_N[near], return_index=True)[1]]
 
 
-def threshold_diverse(emb_NxD, k: int, num_neighbors: int = 64, missing_distance: float = 1.0,
-                      scann_overrides: dict | None = None, progress: bool = False) -> Selection:
-    """One representative from each of k clusters of an average-linkage threshold clustering
-    (the diversity-based selection of Sam et al. 2025).
-
-    Rows are clustered by average linkage on cosine distance over their `num_neighbors`-nearest-
-    neighbour graph (`cluster.knn_graph`, `cluster.rac`; a pair the graph lacks counts as
-    `missing_distance` apart), cut at the threshold epsilon that leaves k clusters: after the
-    N - k lowest merges, epsilon the height of the last (None when k = N). Each cluster is
-    represented by the member nearest the mean of its members' unit vectors (ties, within
-    1e-12, to the lower id). When the graph allows fewer than N - k merges (it is disconnected,
-    or clusters lie `missing_distance` apart), more clusters remain (`params["num_clusters"]`)
-    and those of the k largest are taken (ties to the lowest member id). The ids come largest
-    cluster first; `scores` are the sizes of the clusters they represent.
-    `params["pair_coverage"]` (`cluster.pair_coverage`): near 1 the clusters are those of exact
-    average linkage; well below, `missing_distance` dominates their linkage (add neighbours).
-    64 neighbours: `benchmarks/diversity.py` measures ARI 0.95 against exact average linkage
-    (0.87 with 32).
-    """
+def threshold_clusters(emb_NxD, k: int, num_neighbors: int = 64, missing_distance: float = 1.0,
+                       scann_overrides: dict | None = None,
+                       progress: bool = False) -> tuple[np.ndarray, dict]:
+    """`[N]` labels (0..C-1, by lowest member id) of an average-linkage threshold clustering cut
+    at k clusters, and the cut's params: rows are clustered by average linkage on cosine
+    distance over their `num_neighbors`-nearest-neighbour graph (`cluster.knn_graph`,
+    `cluster.rac`; a pair the graph lacks counts as `missing_distance` apart), cut at the
+    threshold `epsilon` that leaves k clusters: after the N - k lowest merges, epsilon the height
+    of the last (None when k = N). When the graph allows fewer than N - k merges (it is
+    disconnected, or clusters lie `missing_distance` apart), more clusters remain
+    (`num_clusters`). `pair_coverage` (`cluster.pair_coverage`): near 1 the clusters are those of
+    exact average linkage; well below, `missing_distance` dominates their linkage (add
+    neighbours). 64 neighbours: `benchmarks/diversity.py` measures ARI 0.95 against exact
+    average linkage (0.87 with 32)."""
     emb_NxD = check_embeddings(emb_NxD, "emb_NxD", nonzero=True)
     n = len(emb_NxD)
     k = _check_k(k, n)
@@ -339,14 +334,41 @@ def threshold_diverse(emb_NxD, k: int, num_neighbors: int = 64, missing_distance
     u_E, v_E, dist_E = cluster.knn_graph(emb_NxD, num_neighbors, scann_overrides, progress)
     dendrogram = cluster.rac(n, u_E, v_E, dist_E, missing_distance, progress)
     labels_N, epsilon = dendrogram.labels_for(k)
-    sizes_C = np.bincount(labels_N)
-    chosen_C = np.lexsort((np.arange(len(sizes_C)), -sizes_C))[:k]  # labels go by lowest id
-    ids = _representatives(emb_NxD, labels_N)[chosen_C]
-    params = dict(k=k, epsilon=epsilon, num_clusters=len(sizes_C), num_neighbors=int(num_neighbors),
-                  missing_distance=missing_distance, num_edges=len(u_E),
-                  pair_coverage=cluster.pair_coverage(labels_N, u_E, v_E),
+    params = dict(k=k, epsilon=epsilon, num_clusters=int(labels_N.max()) + 1,
+                  num_neighbors=int(num_neighbors), missing_distance=missing_distance,
+                  num_edges=len(u_E), pair_coverage=cluster.pair_coverage(labels_N, u_E, v_E),
                   scann_overrides=dict(scann_overrides or {}))
-    return Selection(ids, "threshold_diverse", n, params, sizes_C[chosen_C])
+    return labels_N, params
+
+
+def one_per_cluster(emb_NxD, labels_N, k: int, params: dict | None = None) -> Selection:
+    """One representative from each of the k largest clusters `labels_N` (0..C-1; ties to the
+    lowest label): the member nearest the mean of its members' unit vectors (ties, within 1e-12,
+    to the lower id). The ids come largest cluster first; `scores` are the sizes of the clusters
+    they represent; `params` (e.g. `threshold_clusters`' own) are recorded with the
+    selection."""
+    emb_NxD = check_embeddings(emb_NxD, "emb_NxD", nonzero=True)
+    labels_N = np.asarray(labels_N)
+    if labels_N.shape != (len(emb_NxD),) or not np.issubdtype(labels_N.dtype, np.integer):
+        raise ValueError(f"labels_N must be {len(emb_NxD)} integer labels, one per row of "
+                         f"emb_NxD, got {labels_N.dtype} of shape {labels_N.shape}")
+    sizes_C = np.bincount(labels_N)
+    if (sizes_C == 0).any():
+        raise ValueError("labels_N must number the clusters 0..C-1 with none empty")
+    k = _check_k(k, len(sizes_C))
+    chosen_C = np.lexsort((np.arange(len(sizes_C)), -sizes_C))[:k]
+    ids = _representatives(emb_NxD, labels_N)[chosen_C]
+    return Selection(ids, "threshold_diverse", len(emb_NxD), dict(params or {}), sizes_C[chosen_C])
+
+
+def threshold_diverse(emb_NxD, k: int, num_neighbors: int = 64, missing_distance: float = 1.0,
+                      scann_overrides: dict | None = None, progress: bool = False) -> Selection:
+    """The diversity-based selection of Sam et al. 2025: one representative
+    (`one_per_cluster`) from each of k clusters of an average-linkage threshold clustering
+    (`threshold_clusters`, whose params the selection records)."""
+    labels_N, params = threshold_clusters(emb_NxD, k, num_neighbors, missing_distance,
+                                          scann_overrides, progress)
+    return one_per_cluster(emb_NxD, labels_N, k, params)
 
 
 # ----------------------------------------------------------------------------- similarity

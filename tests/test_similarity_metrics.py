@@ -6,6 +6,7 @@ water-filling, each arm's held-out perplexity from its saved params by a hand lo
 and embedding models shown to be different runs; then a killed run resuming from its cached
 artifacts to the same numbers."""
 
+import json
 import os
 import shutil
 
@@ -15,7 +16,7 @@ import pytest
 
 from experiments import similarity_metrics as sim
 from experiments.configs import similarity_metrics as sim_config
-from jaxsel import checkpoint, cluster, embed, probe, report, select, train
+from jaxsel import checkpoint, cluster, embed, probe, report, select, stats, train
 from jaxsel import config as config_lib
 from jaxsel import roles as roles_lib
 from jaxsel.data import pool as pool_lib
@@ -185,19 +186,19 @@ def test_split_ids_refuse_a_pool_too_small_naming_the_key():
 
 
 def test_random_clusters_are_equal_sized_and_explain_nothing_on_average():
-    clusters = sim.random_clusters(103, 10, seed=3)
+    clusters = stats.random_clusters(103, 10, seed=3)
     assert sorted(np.bincount(clusters)) == [10] * 7 + [11] * 3
-    assert np.array_equal(clusters, sim.random_clusters(103, 10, seed=3))
+    assert np.array_equal(clusters, stats.random_clusters(103, 10, seed=3))
     values = np.random.default_rng(0).normal(size=103) ** 2  # Skewed, like losses.
-    expected = sim.expected_random_variance_reduction(np.bincount(clusters))
+    expected = stats.expected_random_variance_reduction(np.bincount(clusters))
     assert expected["pooled"] == pytest.approx(9 / 102)
-    draws = [sim.random_clusters(103, 10, seed=s) for s in range(400)]
+    draws = [stats.random_clusters(103, 10, seed=s) for s in range(400)]
     assert np.mean([_pooled(values, c) for c in draws]) == pytest.approx(expected["pooled"],
                                                                          abs=0.01)
     # Unequal sizes 3, 20 and 80: a small cluster keeps a smaller share of its variance in
     # expectation, so the unweighted form's floor lies above the pooled one.
     labels = np.repeat([0, 1, 2], [3, 20, 80])
-    unequal = sim.expected_random_variance_reduction([3, 20, 80])
+    unequal = stats.expected_random_variance_reduction([3, 20, 80])
     assert unequal["pooled"] == pytest.approx(2 / 102)
     assert unequal["unweighted"] == pytest.approx(1 - 103 / 102 * np.mean([2 / 3, 19 / 20,
                                                                             79 / 80]))
@@ -212,7 +213,7 @@ def test_cluster_metrics_match_numpy_and_the_documented_resampling():
     clusters = np.repeat(np.arange(5), [10, 30, 60, 90, 110])[rng.permutation(300)]
     values = clusters * 0.5 + rng.normal(size=300) * (1 - 0.7 * (clusters == 0))
     domains = (clusters + (rng.random(300) < 0.2)) % 3
-    m = sim.cluster_metrics(values, domains, clusters, num_resamples=300, seed=4)
+    m = stats.cluster_metrics(values, domains, clusters, num_resamples=300, seed=4)
     assert m["k"] == 5 and m["sizes"] == [10, 110] and m["singletons"] == 0
     assert m["interval"] == "bootstrap"
     _check_row(m, values, domains, clusters, 300, 4)
@@ -220,19 +221,19 @@ def test_cluster_metrics_match_numpy_and_the_documented_resampling():
     for name in NUMPY_METRICS:
         low, high = m[f"{name}_ci"]
         assert low < m[name] < high and high - low < 0.2
-    assert sim.cluster_metrics(values, domains, clusters, 0, 0)["purity_ci"] is None
+    assert stats.cluster_metrics(values, domains, clusters, 0, 0)["purity_ci"] is None
     # The permutation interval is the null of clusters of these sizes: it holds the expected
     # floor and lies far below the real clusters.
     shuffled = np.random.default_rng(2).permutation(clusters)
-    null = sim.cluster_metrics(values, domains, shuffled, 300, 5, "permutation")
+    null = stats.cluster_metrics(values, domains, shuffled, 300, 5, "permutation")
     _check_row(null, values, domains, shuffled, 300, 5)
-    floor = sim.expected_random_variance_reduction(np.bincount(clusters))
+    floor = stats.expected_random_variance_reduction(np.bincount(clusters))
     for form in ("pooled", "unweighted"):
         low, high = null[f"variance_reduction_{form}_ci"]
         assert low <= floor[form] <= high < m[f"variance_reduction_{form}"]
     assert null["interval"] == "permutation" and null["purity_ci"][1] < m["purity"]
     with pytest.raises(ValueError, match="interval"):
-        sim.cluster_metrics(values, domains, clusters, 10, 0, "jackknife")
+        stats.cluster_metrics(values, domains, clusters, 10, 0, "jackknife")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,8 +335,9 @@ def test_diverse_pick_is_one_representative_per_threshold_cluster(tiny_run):
     # clustering agree on.
     assert len(np.unique(labels)) == 90 == selection.params["num_clusters"]
     assert threshold["num_clusters"] == 90 and threshold["neighbors"] == 16
-    assert threshold["epsilon"] == pytest.approx(float(saved["epsilon"]))
-    assert selection.params["epsilon"] == pytest.approx(float(saved["epsilon"]))
+    cut = json.loads(str(saved["threshold_params"]))
+    assert threshold["epsilon"] == pytest.approx(cut["epsilon"])
+    assert selection.params == {**cut, "candidates": 360, "embedding": "encoder"}
     assert 0 < threshold["epsilon"] < 1
     # Re-derived: each cluster's member nearest the mean of its members' unit rows.
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -35,9 +35,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from jaxsel import files
 from jaxsel.data import readers, sources
 from jaxsel.data import tokenizer as tokenizer_lib
 
@@ -328,32 +327,32 @@ def _build(config, folder: Path) -> None:
     d = config.data
     seed = config.seed if d.source == "synthetic" else None
     start = time.time()
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
-        def train_texts() -> Iterator[str]:
-            splitter = Splitter(d.heldout_fraction)
-            docs = sources.read_documents(d, collections.Counter(), seed=seed)
-            return (doc.text for doc in docs if not splitter.is_heldout(doc))
+        with files.atomic_path(folder) as tmp:
+            tmp = Path(tmp)
+            tmp.mkdir()
+            _build_into(tmp, d, config.model.vocab_size, seed, key=folder.name, start=start)
+    except OSError:
+        if not folder.is_dir():  # Not a concurrent build of the same pool: a real error.
+            raise
 
-        logging.info("pool %s: loading or training the tokenizer", folder.name)
-        tok = tokenizer_lib.load_or_train_tokenizer(d, config.model.vocab_size, train_texts,
-                                                    cache_root(d))
-        tok.save(str(tmp / "tokenizer.json"))
-        skipped: collections.Counter = collections.Counter()
-        docs = sources.read_documents(d, skipped, seed=seed)
-        stats = _pack(docs, tok, d, tmp)
-        _check_splits(stats, d)
-        np.save(tmp / "near_duplicates.npy", np.asarray(stats.near_duplicates, np.int64)
-                .reshape(-1, 2))
-        _write_reports(tmp, stats, skipped, d, tok, key=folder.name, seconds=time.time() - start)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.is_dir():  # Not a concurrent build of the same pool: a real error.
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _build_into(tmp: Path, d, vocab_size: int, seed, *, key: str, start: float) -> None:
+    def train_texts() -> Iterator[str]:
+        splitter = Splitter(d.heldout_fraction)
+        docs = sources.read_documents(d, collections.Counter(), seed=seed)
+        return (doc.text for doc in docs if not splitter.is_heldout(doc))
+
+    logging.info("pool %s: loading or training the tokenizer", key)
+    tok = tokenizer_lib.load_or_train_tokenizer(d, vocab_size, train_texts, cache_root(d))
+    tok.save(str(tmp / "tokenizer.json"))
+    skipped: collections.Counter = collections.Counter()
+    docs = sources.read_documents(d, skipped, seed=seed)
+    stats = _pack(docs, tok, d, tmp)
+    _check_splits(stats, d)
+    np.save(tmp / "near_duplicates.npy", np.asarray(stats.near_duplicates, np.int64)
+            .reshape(-1, 2))
+    _write_reports(tmp, stats, skipped, d, tok, key=key, seconds=time.time() - start)
 
 
 def _check_splits(stats: _BuildStats, d) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jaxsel import files
 
 PAD, EOS = "<pad>", "<eos>"
 SPECIAL_TOKENS = (PAD, EOS)  # In this order: ids 0 and 1.
@@ -121,12 +122,5 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 
 def save_atomically(tokenizer: Tokenizer, path: Path) -> None:
     """Writes tokenizer.json via a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with files.atomic_path(path) as tmp:
         tokenizer.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
