@@ -15,9 +15,9 @@
 
 The report also gives each pick's composition against the candidates (`jaxsel.composition`: the
 share of the target domain and of junk rows, the planted near-duplicate pairs kept whole, and
-semdedup's precision and recall), MATES' diagnostics (the target share of a plain top-k on its
-oracle labels, its influence model's validation Spearman) and its selection overhead against
-training, in FLOPs and seconds.
+the deduplicators' precision and recall), MATES' diagnostics (the target share of a plain
+top-k on its oracle labels, its influence model's validation Spearman) and its selection
+overhead against training, in FLOPs and seconds.
 
 Writes into --workdir: config.json, report.json, report.md, the figures (target_eval_loss.png,
 curves.png, domains.png), `candidates/` (encoder inputs and embeddings), `seed/` and
@@ -57,7 +57,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config_lib.check_names(c.selectors, selectors.NAMES, "compare.selectors")
     for key in ("seed_size", "seed_steps", "candidates", "select_size", "select_steps",
                 "clusters", "probe_size", "probe_chunk", "fit_epochs", "encoder_windows",
-                "fit_batch_size", "predict_batch_size", "eval_batch_size"):
+                "fit_batch_size", "predict_batch_size", "eval_batch_size", "dsir_buckets",
+                "less_dims", "minhash_shingle"):
         check(c[key] >= 1, f"compare.{key}", f"must be >= 1, got {c[key]}")
     check(c.encoder_max_length >= 2, "compare.encoder_max_length",
           f"must be >= 2, got {c.encoder_max_length}")
@@ -67,6 +68,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     check(c.probe_size >= 2, "compare.probe_size", f"must be >= 2 to fit on, got {c.probe_size}")
     check(-1 < c.dedup_threshold <= 1, "compare.dedup_threshold",
           f"must be in (-1, 1], got {c.dedup_threshold}")
+    check(c.dsir_smoothing >= 0, "compare.dsir_smoothing",
+          f"must be >= 0, got {c.dsir_smoothing}")
+    check(0 < c.minhash_threshold <= 1, "compare.minhash_threshold",
+          f"must be in (0, 1], got {c.minhash_threshold}")
     check(c.fit_lr > 0, "compare.fit_lr", f"must be > 0, got {c.fit_lr}")
     check(c.temperature > 0, "compare.temperature", f"must be > 0, got {c.temperature}")
     check(0 < c.fit_val_fraction < 1, "compare.fit_val_fraction",
@@ -218,9 +223,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "ranking": sorted(arms, key=lambda a: arms[a]["target_eval_loss"]),
         "folders": {"seed": seed["dir"], **{name: arm["dir"] for name, arm in arms.items()}},
     }
-    if "semdedup" in arms:
-        result["semdedup"] = composition.dedup_quality(
-            pool, candidates, candidates[experiment.candidates.kept()])
+    kept = {"semdedup": experiment.candidates.kept,
+            "minhash": lambda: experiment.candidates.minhash_kept()["kept"]}
+    result["dedup"] = {name: composition.dedup_quality(pool, candidates, candidates[kept[name]()])
+                       for name in kept if name in arms}
     if "mates" in arms:
         result["mates"] = experiment.mates_report(seed, arms["mates"])
     return result
@@ -263,12 +269,15 @@ def to_markdown(result: dict) -> str:
         report.markdown_table(["pick", "target domain", "junk", "near-duplicate pairs kept "
                                "whole"], shares),
     ]
-    if "semdedup" in result:
-        q = result["semdedup"]
-        against = (f"against the {q['pairs']} planted near-duplicate pairs among the candidates: "
-                   f"precision {_num(q['precision'])}, recall {_num(q['recall'])}" if q["pairs"]
-                   else "the pool plants no near-duplicates to measure it against")
-        parts.append(f"\nsemdedup removed {q['removed']} rows; {against}.\n")
+    if result["dedup"]:
+        pairs = next(iter(result["dedup"].values()))["pairs"]
+        parts += [f"\n### Deduplicators against the {pairs} planted near-duplicate pairs among "
+                  f"the candidates\n" if pairs else "\n### Deduplicators (the pool plants no "
+                  "near-duplicates to measure them against)\n",
+                  report.markdown_table(["deduplicator", "rows removed", "precision", "recall"],
+                                        [(name, q["removed"], _num(q["precision"]),
+                                          _num(q["recall"]))
+                                         for name, q in result["dedup"].items()])]
     if "mates" in result:
         m = result["mates"]
         o = m["overhead"]

@@ -244,27 +244,35 @@ def _mix32(x):
 _BIGRAM_SALT = np.uint32(0x9E3779B9)
 
 
-@functools.partial(jax.jit, static_argnames="num_buckets")
-def _ngram_batch(tokens_BxL, segments_BxL, num_buckets: int):
-    tokens_BxL = tokens_BxL.astype(jnp.uint32)
+def ngram_keys(tokens_BxL, segments_BxL, num_buckets: int):
+    """The hashed unigrams and bigrams of each row, numpy or jax alike: `keys_BxK` (int32 bucket
+    ids, K = 2L - 1) and `real_BxK` (bool: a real token, or a pair of adjacent tokens within one
+    document). Token t hashes to `mix32(t) % num_buckets`, the pair (t1, t2) to
+    `mix32(mix32(t1) ^ (t2 + 0x9E3779B9)) % num_buckets` (mix32: murmur3's finaliser, uint32)."""
+    xp = jnp if isinstance(tokens_BxL, jax.Array) else np
+    tokens_BxL = tokens_BxL.astype(xp.uint32)
     unigram_BxL = _mix32(tokens_BxL)
     bigram_BxL1 = _mix32(unigram_BxL[:, :-1] ^ (tokens_BxL[:, 1:] + _BIGRAM_SALT))
-    keys_BxK = jnp.concatenate([unigram_BxL, bigram_BxL1], axis=1) % np.uint32(num_buckets)
+    keys_BxK = xp.concatenate([unigram_BxL, bigram_BxL1], axis=1) % np.uint32(num_buckets)
     real_BxL = segments_BxL != 0
     bigram_real_BxL1 = real_BxL[:, 1:] & (segments_BxL[:, 1:] == segments_BxL[:, :-1])
-    weights_BxK = jnp.concatenate([real_BxL, bigram_real_BxL1], axis=1).astype(jnp.float32)
+    return keys_BxK.astype(xp.int32), xp.concatenate([real_BxL, bigram_real_BxL1], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="num_buckets")
+def _ngram_batch(tokens_BxL, segments_BxL, num_buckets: int):
+    keys_BxK, real_BxK = ngram_keys(tokens_BxL, segments_BxL, num_buckets)
     return jax.vmap(
         lambda keys, weights: jnp.zeros(num_buckets, jnp.float32).at[keys].add(weights)
-    )(keys_BxK.astype(jnp.int32), weights_BxK)
+    )(keys_BxK, real_BxK.astype(jnp.float32))
 
 
 def ngram_hash(
     tokens_NxL, segments_NxL, num_buckets: int = 4096, batch_size: int = 1024,
     progress: bool = True,
 ) -> np.ndarray:
-    """Hashed n-gram counts `[N, num_buckets]` float32 (DSIR style): every real token adds 1 to
-    bucket `mix32(t) % num_buckets`, every pair of adjacent tokens within one document adds 1 to
-    `mix32(mix32(t1) ^ (t2 + 0x9E3779B9)) % num_buckets` (mix32: murmur3's finaliser, uint32)."""
+    """Hashed n-gram counts `[N, num_buckets]` float32 (DSIR style): every real token and every
+    pair of adjacent tokens within one document adds 1 to its bucket (`ngram_keys`)."""
     tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")

@@ -189,7 +189,7 @@ def reference_loss(model, params, reference: Reference, batch_size: int) -> Arra
     """
 
     def add(sums, batch):
-        return sums + jnp.stack(_weighted_loss_sums(model, params, *batch)), None
+        return sums + jnp.stack(weighted_loss_sums(model, params, *batch)), None
 
     sums, _ = jax.lax.scan(add, jnp.zeros(2, jnp.float32), _batches(reference, batch_size))
     return sums[0] / sums[1]
@@ -198,7 +198,7 @@ def reference_loss(model, params, reference: Reference, batch_size: int) -> Arra
 def reference_grad(model, params, reference: Reference, batch_size: int):
     """The gradient of `reference_loss` with respect to `params`, accumulated batch by batch
     (memory of one batch of activations, not of the whole reference set)."""
-    value_and_grad = jax.value_and_grad(_weighted_loss_sums, argnums=1, has_aux=True)
+    value_and_grad = jax.value_and_grad(weighted_loss_sums, argnums=1, has_aux=True)
 
     def add(carry, batch):
         grads, weight = carry
@@ -225,7 +225,7 @@ def _batches(reference: Reference, batch_size: int) -> tuple[Array, ...]:
                                     reference.positions_RxK, reference.weights_RxK))
 
 
-def _weighted_loss_sums(model, params, tokens_BxL, segments_BxL, positions_BxK, weights_BxK
+def weighted_loss_sums(model, params, tokens_BxL, segments_BxL, positions_BxK, weights_BxK
                         ) -> tuple[Array, Array]:
     """(sum of weighted next-token losses, sum of weights) of one batch of reference rows, with
     logits computed at the weighted positions only (`loss.losses_at`)."""
@@ -409,30 +409,30 @@ class Prober:
     def reference_loss(self, params, reference: Reference) -> float:
         """The loss of `reference` under `params` (`reference_loss`), e.g. to evaluate a model on
         the reference set its data was selected for."""
-        return float(self._reference_loss(params, self._put(reference)))
+        return float(self._reference_loss(params, self.put(reference)))
 
     def oracle_influence(self, state, candidates: Mapping[str, np.ndarray],
                          reference: Reference, progress: bool = True) -> np.ndarray:
         """[N] float32 exact one-step influence of each candidate on `reference` from `state`
         (`chunk_oracle_influence`): reference loss after - before. Lower is better."""
-        reference = self._put(reference)
-        return self._map(lambda chunk: self._oracle(state, chunk, reference), candidates,
+        reference = self.put(reference)
+        return self.map(lambda chunk: self._oracle(state, chunk, reference), candidates,
                          "oracle influence", progress)
 
     def first_order_influence(self, state, candidates: Mapping[str, np.ndarray],
                               reference: Reference, progress: bool = True) -> np.ndarray:
         """[N] float32 first-order influence (`chunk_first_order_influence`). Lower is better."""
-        reference = self._put(reference)
-        return self._map(lambda chunk: self._first_order(state, chunk, reference), candidates,
+        reference = self.put(reference)
+        return self.map(lambda chunk: self._first_order(state, chunk, reference), candidates,
                          "first-order influence", progress)
 
     def grad_features(self, params, candidates: Mapping[str, np.ndarray],
                       projection: GradProjection, progress: bool = True) -> np.ndarray:
         """[N, k] float32 projected per-example gradients (`project`)."""
-        return self._map(lambda chunk: self._features(params, chunk, projection), candidates,
+        return self.map(lambda chunk: self._features(params, chunk, projection), candidates,
                          "gradient features", progress)
 
-    def _put(self, reference: Reference) -> Reference:
+    def put(self, reference: Reference) -> Reference:
         """Checks `reference` (`evaluate.check_rows`) and makes it a replicated global array on
         the mesh."""
         rows = evaluate.check_rows(self.trainer, "reference", reference.tokens_RxL,
@@ -441,17 +441,18 @@ class Prober:
         replicated = sharding.replicated(self.trainer.mesh)
         return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in rows))
 
-    def _map(self, fn, candidates, desc: str, progress: bool) -> np.ndarray:
-        """`fn(chunk)` over the candidates' chunks (`rowmap.map_rows`), float32."""
+    def map(self, fn, candidates, desc: str, progress: bool) -> np.ndarray:
+        """`fn(chunk)` over the candidates' chunks (`rowmap.map_rows`): an array, or a pytree of
+        arrays, float32, aligned with the candidates' rows."""
         tokens, segments = _check_rows(candidates, "candidates", self.seq_len)
 
         def read(idx):
             return {"tokens": np.asarray(tokens[idx], np.int32),
                     "segments": np.asarray(segments[idx], np.int32)}
 
-        return rowmap.map_rows(fn, read, self.chunk_size, self.trainer.mesh,
-                               num_rows=len(tokens), progress=progress,
-                               desc=desc).astype(np.float32)
+        results = rowmap.map_rows(fn, read, self.chunk_size, self.trainer.mesh,
+                                  num_rows=len(tokens), progress=progress, desc=desc)
+        return jax.tree.map(lambda x: np.asarray(x, np.float32), results)
 
 
 def pool_losses(trainer, params, pool, batch_size: int, ids: np.ndarray | None = None,

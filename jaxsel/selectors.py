@@ -16,6 +16,12 @@ name, k, seed)` returns the selector's `select.Selection` of pool ids.
 - `diverse` (Sam et al. 2025): one representative per cluster of an average-linkage threshold
   clustering cut at k clusters (`select.threshold_diverse`);
 - `first_order`: the lowest first-order influence on the target items from the seed state;
+- `dsir` (Xie et al. 2023): importance resampling towards the target items' hashed n-grams
+  (`jaxsel.dsir`), Gumbel-top-k on the log-weights;
+- `less` (Xia et al. 2024): the highest cosine of the candidate's Adam update direction with any
+  target item's gradient (`jaxsel.less`);
+- `minhash`: MinHash-LSH near-duplicates over word shingles removed (`jaxsel.minhash`), then
+  uniform;
 - `mates` (Yu et al. 2024): oracle -> data influence model -> Gumbel-top-k (`jaxsel.mates`).
 """
 
@@ -27,16 +33,16 @@ import os
 import ml_collections
 import numpy as np
 
-from jaxsel import cluster, embed, mates, probe, report, select
+from jaxsel import cluster, dsir, embed, less, mates, minhash, probe, report, select
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
 
 NAMES = ("random", "low_loss", "semdedup", "nearest", "cluster_stratified", "diverse",
-         "first_order", "mates")
+         "first_order", "mates", "dsir", "less", "minhash")
 ENCODER_NAMES = ("semdedup", "nearest", "cluster_stratified", "diverse", "mates")
 # Separate random streams of the study's seed.
-_KMEANS, _PROBES, _FIT = range(3)
+_KMEANS, _PROBES, _FIT, _LESS = range(4)
 
 
 class Candidates:
@@ -79,6 +85,38 @@ class Candidates:
             "ids": self.ids, "influence": self.prober.first_order_influence(
                 self.state_fn(), self.pool.rows(self.ids), self.reference,
                 self.progress)})["influence"]
+
+    def dsir_weights(self) -> np.ndarray:
+        """Each candidate's DSIR importance log-weight towards the target items."""
+        return report.cached_npz(self.path("arms", "dsir", "weights.npz"), lambda: {
+            "ids": self.ids, "log_weights": dsir.importance_weights(
+                {"tokens": np.asarray(self.reference.tokens_RxL),
+                 "segments": np.asarray(self.reference.segments_RxL)},
+                self.pool.rows(self.ids), self.section.dsir_buckets,
+                self.section.dsir_smoothing)})["log_weights"]
+
+    def less_scores(self) -> dict[str, np.ndarray]:
+        """LESS' `scores` of the candidates from the seed state and its `zero_gradients`."""
+        def compute():
+            projection = probe.GradProjection(self.section.less_dims, normalize=True,
+                                              seed=config_lib.stream_seed(self.seed, _LESS))
+            scores, zero = less.scores(self.prober, self.state_fn(), self.pool.rows(self.ids),
+                                       self.reference, projection, self.progress)
+            return {"ids": self.ids, "scores": scores, "zero_gradients": np.int64(zero)}
+
+        return report.cached_npz(self.path("arms", "less", "scores.npz"), compute)
+
+    def minhash_kept(self) -> dict[str, np.ndarray]:
+        """The candidate positions MinHash-LSH dedup keeps (`kept`) and its `empty` texts."""
+        def compute():
+            rows = self.pool.rows(self.ids)
+            texts = embed.decode_sequences(rows["tokens"], rows["segments"], tokenizer_lib
+                                           .load_tokenizer(self.pool.tokenizer_path))
+            kept, info = minhash.dedup(texts, self.section.minhash_threshold,
+                                       self.section.minhash_shingle)
+            return {"kept": kept, "empty": np.int64(info["empty"])}
+
+        return report.cached_npz(self.path("arms", "minhash", "kept.npz"), compute)
 
     def encoder_inputs(self) -> dict[str, np.ndarray]:
         """The candidates decoded and tokenised for the encoder, `encoder_windows` windows long:
@@ -143,15 +181,37 @@ def pick(candidates: Candidates, name: str, k: int, seed: int) -> select.Selecti
                             {**chosen.params, "selector": name, "candidates": n}, chosen.scores)
 
 
-def _semdedup(c: Candidates, k: int, seed: int) -> select.Selection:
-    kept = c.kept()
+def _dedup_then_random(kept: np.ndarray, k: int, seed: int, num: int, name: str,
+                       threshold_key: str, params: dict) -> select.Selection:
+    """k of the `kept` candidate positions, uniformly."""
     config_lib.check(k <= len(kept), "compare.select_size",
-                     f"{k} exceeds the {len(kept)} candidates semdedup keeps at "
-                     f"compare.dedup_threshold={c.section.dedup_threshold}")
+                     f"{k} exceeds the {len(kept)} candidates {name} keeps at "
+                     f"compare.{threshold_key}={params['threshold']}")
     drawn = select.random_ids(len(kept), k, seed)
-    return select.Selection(kept[drawn.ids], "dedup_random", len(c.ids),
-                            dict(drawn.params, threshold=c.section.dedup_threshold,
-                                 kept=len(kept)))
+    return select.Selection(kept[drawn.ids], "dedup_random", num,
+                            dict(drawn.params, **params, kept=len(kept)))
+
+
+def _semdedup(c: Candidates, k: int, seed: int) -> select.Selection:
+    return _dedup_then_random(c.kept(), k, seed, len(c.ids), "semdedup", "dedup_threshold",
+                              {"threshold": c.section.dedup_threshold})
+
+
+def _minhash(c: Candidates, k: int, seed: int) -> select.Selection:
+    kept = c.minhash_kept()
+    return _dedup_then_random(kept["kept"], k, seed, len(c.ids), "minhash",
+                              "minhash_threshold", {
+                                  "threshold": c.section.minhash_threshold,
+                                  "shingle": c.section.minhash_shingle,
+                                  "empty": int(kept["empty"])})
+
+
+def _less(c: Candidates, k: int, seed: int) -> select.Selection:
+    scored = c.less_scores()
+    chosen = select.top_k(scored["scores"], k, lower_is_better=False)
+    return select.Selection(chosen.ids, "less_top_k", len(c.ids), dict(
+        chosen.params, dims=c.section.less_dims,
+        zero_gradients=int(scored["zero_gradients"])), chosen.scores)
 
 
 def _mates(c: Candidates, k: int, seed: int) -> select.Selection:
@@ -172,4 +232,8 @@ _PICKERS = {
     "diverse": lambda c, k, seed: select.threshold_diverse(c.embeddings()["candidates"], k),
     "first_order": lambda c, k, seed: select.top_k(c.first_order(), k),
     "mates": _mates,
+    "dsir": lambda c, k, seed: select.gumbel_top_k(c.dsir_weights(), k, seed, 1.0,
+                                                   lower_is_better=False),
+    "less": _less,
+    "minhash": _minhash,
 }

@@ -96,6 +96,9 @@ def test_split_is_seeded_and_disjoint():
     ("compare.probe_size", 301, "config.compare.probe_size: 301 exceeds"),
     ("compare.clusters", 301, "config.compare.clusters: 301 exceeds"),
     ("compare.dedup_threshold", 1.5, "config.compare.dedup_threshold: must be in"),
+    ("compare.minhash_threshold", 0.0, "config.compare.minhash_threshold: must be in"),
+    ("compare.dsir_smoothing", -1.0, "config.compare.dsir_smoothing: must be >= 0"),
+    ("compare.less_dims", 0, "config.compare.less_dims: must be >= 1"),
     ("compare.seed_steps", 0, "config.compare.seed_steps: must be >= 1"),
     ("compare.temperature", 0.0, "config.compare.temperature: must be > 0"),
     ("compare.encoder_windows", 0, "config.compare.encoder_windows: must be >= 1"),
@@ -240,17 +243,20 @@ def test_target_aware_selectors_enrich_the_target_domain(tiny_run):
     pool, candidates = tiny_run["data"].train_pool, tiny_run["ids"]["candidates"]
     base = _share(pool, candidates, "prose")
     assert 0.15 < base < 0.5
-    for name in ("nearest", "first_order", "mates"):
+    for name in ("nearest", "first_order", "mates", "dsir"):
         share = _share(pool, _selection(tiny_run, name).ids, "prose")
         assert share > base + 0.2, (name, share, base)
+    # LESS' direction is mostly the seed's momentum, shared by every candidate: less sharp.
+    assert _share(pool, _selection(tiny_run, "less").ids, "prose") > base + 0.1
     assert abs(_share(pool, _selection(tiny_run, "random").ids, "prose") - base) < 0.15
 
 
-def test_semdedup_keeps_fewer_whole_pairs_than_random(tiny_run):
+def test_deduplicators_keep_fewer_whole_pairs_than_random(tiny_run):
     pool, candidates = tiny_run["data"].train_pool, tiny_run["ids"]["candidates"]
     assert _whole_pairs(pool, candidates) >= 8
     random_pairs = _whole_pairs(pool, _selection(tiny_run, "random").ids)
-    assert _whole_pairs(pool, _selection(tiny_run, "semdedup").ids) < random_pairs
+    for name in ("semdedup", "minhash"):
+        assert _whole_pairs(pool, _selection(tiny_run, name).ids) < random_pairs, name
 
 
 def test_diversity_selectors_cover_every_domain(tiny_run):
@@ -289,21 +295,23 @@ def test_report_numbers_recomputed_from_models_and_picks(tiny_run):
         junk = np.mean([pool.label_names[pool.labels[i]] == "junk" for i in ids])
         assert comp["junk"] == pytest.approx(junk)
         assert comp["pairs_kept"] == _whole_pairs(pool, ids)
-    # semdedup's precision and recall against the planted pairs, by hand.
+    # The deduplicators' precision and recall against the planted pairs, by hand.
     candidates = tiny_run["ids"]["candidates"]
-    kept = candidates[np.load(workdir / "arms/semdedup/kept.npz")["kept"]]
-    removed = sorted(set(candidates.tolist()) - set(kept.tolist()))
     docs = {d for i in candidates for d in pool.doc_ids_of(i).tolist()}
     pairs = [(a, b) for a, b in pool.near_duplicates.tolist() if a in docs and b in docs]
-    kept_docs = {d for i in kept for d in pool.doc_ids_of(i).tolist()}
     members = {d for p in pairs for d in p}
-    quality = result["semdedup"]
-    assert quality["pairs"] == len(pairs) and quality["removed"] == len(removed)
-    assert quality["recall"] == pytest.approx(
-        np.mean([not (a in kept_docs and b in kept_docs) for a, b in pairs]))
-    assert quality["precision"] == pytest.approx(np.mean(
-        [bool(set(pool.doc_ids_of(i).tolist()) & members) for i in removed]))
-    assert quality["recall"] > 0.8  # The planted pairs are what it removes.
+    for name in ("semdedup", "minhash"):
+        kept = candidates[np.load(workdir / "arms" / name / "kept.npz")["kept"]]
+        removed = sorted(set(candidates.tolist()) - set(kept.tolist()))
+        kept_docs = {d for i in kept for d in pool.doc_ids_of(i).tolist()}
+        quality = result["dedup"][name]
+        assert quality["pairs"] == len(pairs) and quality["removed"] == len(removed)
+        assert quality["recall"] == pytest.approx(
+            np.mean([not (a in kept_docs and b in kept_docs) for a, b in pairs]))
+        assert quality["precision"] == pytest.approx(np.mean(
+            [bool(set(pool.doc_ids_of(i).tolist()) & members) for i in removed]))
+        assert quality["recall"] > 0.8, name  # The planted pairs are what it removes.
+        assert f"| {name} | {len(removed)} |" in text
     # MATES: the target share of a plain top-k on its oracle labels, by hand.
     oracle = np.load(workdir / "arms/mates/oracle.npz")
     k = round(K / len(candidates) * len(oracle["ids"]))

@@ -25,7 +25,12 @@ aim at and whose `target_eval` items rank the arms. The `compare` section:
 - `dedup_threshold`: `semdedup`'s cosine similarity at which a row is a near-duplicate of a kept
   one; `clusters`: `cluster_stratified`'s balanced k-means clusters.
 - `probe_size`, `probe_chunk`, `fit_*`, `predict_batch_size`, `temperature`: `mates` as in
-  `experiments/configs/mates.py` (`probe_chunk` also chunks `first_order`).
+  `experiments/configs/mates.py` (`probe_chunk` also chunks `first_order` and `less`).
+- `dsir_buckets`, `dsir_smoothing`: `dsir`'s hashed n-gram buckets (the paper's 10,000) and the
+  Laplace pseudo-count added to the target's (the reference package's default 0).
+- `less_dims`: `less`' random projection of gradients (the paper's 8,192).
+- `minhash_threshold`, `minhash_shingle`: `minhash`'s estimated Jaccard similarity at which a
+  row is a near-duplicate of a kept one, over word shingles of `minhash_shingle` words.
 - `eval_batch_size`: sequences per batch for losses, embeddings and probing.
 """
 
@@ -37,21 +42,23 @@ COMPARE_PRESETS = {
     # ~7 minutes on 2 CPU cores: 8 arms of 40 steps from a 60-step seed; 256 of 1024 candidates.
     "tiny": dict(seed_size=960, seed_steps=60, candidates=1024, select_size=256,
                  select_steps=40, encoder_max_length=64, clusters=16, probe_size=256,
-                 fit_epochs=6, fit_lr=1e-4, fit_batch_size=16),
+                 fit_epochs=6, fit_lr=1e-4, fit_batch_size=16, less_dims=256),
     # MATES' 160M budget split into a seed and one selected stage.
     "small": dict(seed_size=1_280_000, seed_steps=5_000, candidates=1_920_000,
                   select_size=384_000, select_steps=15_000, encoder_max_length=512,
                   clusters=1000, probe_size=2_000, fit_epochs=5, fit_lr=5e-5,
-                  fit_batch_size=64),
+                  fit_batch_size=64, less_dims=8192),
     "410m": dict(seed_size=5_120_000, seed_steps=10_000, candidates=5_120_000,
                  select_size=1_024_000, select_steps=40_000, encoder_max_length=512,
-                 clusters=1000, probe_size=4_000, fit_epochs=5, fit_lr=5e-5, fit_batch_size=64),
+                 clusters=1000, probe_size=4_000, fit_epochs=5, fit_lr=5e-5, fit_batch_size=64,
+                 less_dims=8192),
     "1b": dict(seed_size=10_240_000, seed_steps=20_000, candidates=10_240_000,
                select_size=2_048_000, select_steps=80_000, encoder_max_length=512,
-               clusters=1000, probe_size=4_000, fit_epochs=5, fit_lr=5e-5, fit_batch_size=64),
+               clusters=1000, probe_size=4_000, fit_epochs=5, fit_lr=5e-5, fit_batch_size=64,
+               less_dims=8192),
 }
 SELECTORS = ("random", "low_loss", "semdedup", "nearest", "cluster_stratified", "diverse",
-             "first_order", "mates")
+             "first_order", "mates", "dsir", "less", "minhash")
 
 
 def get_config(arg=None):
@@ -62,7 +69,9 @@ def get_config(arg=None):
     config.compare = ml_collections.ConfigDict(dict(
         selectors=SELECTORS, encoder="", encoder_windows=2, dedup_threshold=0.9, probe_chunk=16,
         fit_weight_decay=0.01, fit_val_fraction=0.1, predict_batch_size=64, temperature=0.5,
-        eval_batch_size=64, **scale))
+        eval_batch_size=64, dsir_buckets=10_000, dsir_smoothing=0.0, minhash_threshold=0.7,
+        minhash_shingle=3,
+        **scale))
     if preset == "tiny":
         config.train.eval_every = 20  # Held-out loss points on every arm's curve (curves.png).
     # A reference, so that options and command-line overrides of either count carry over.
