@@ -1,7 +1,9 @@
 """Sequence embeddings `[N, d]` float32, row i = pool sequence i, and their post-processing.
 
 Four embeddings of a pool given as `tokens_NxL` / `segments_NxL` int32 arrays (segment 0 marks
-padding), each computed in fixed-size jitted batches (`rowmap.map_rows`) with a progress bar:
+padding; numpy or memory-mapped), each computed in fixed-size jitted batches with a progress
+bar, in memory or, given `to=stream.Target(...)`, streamed to disk (`stream.map_rows`: chunked,
+resumable, memory bounded by a chunk):
 
 - `lm_token_mean`: mean of the LM's input token-embedding rows over real tokens (no forward pass);
 - `lm_output_mean`: mean of the LM's final hidden states over real tokens;
@@ -28,7 +30,7 @@ import numpy as np
 import tokenizers
 import tqdm
 
-from jaxsel import files, rowmap
+from jaxsel import files, stream
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
@@ -49,28 +51,42 @@ def check_embeddings(emb_NxD: np.ndarray, name: str, *, nonzero: bool = True) ->
     return emb_NxD
 
 
-def _check_pool(tokens_NxL, segments_NxL) -> tuple[np.ndarray, np.ndarray]:
-    """Both int arrays of one `[N, L]` shape, and every row with at least one real token."""
-    tokens_NxL, segments_NxL = np.asarray(tokens_NxL), np.asarray(segments_NxL)
-    if tokens_NxL.ndim != 2 or tokens_NxL.shape != segments_NxL.shape:
+def _pool_rows(tokens_NxL, segments_NxL, vocab_size: int | None = None) -> tuple[Callable, int]:
+    """(read(idx) -> (tokens, segments) of rows idx, N) over two `[N, L]` int arrays of one shape
+    (numpy or memory-mapped: only the rows read are loaded). Each batch read is checked: a row
+    without a real token, or (with `vocab_size`) a token id outside [0, vocab_size), is a
+    ValueError naming the rows."""
+    if np.ndim(tokens_NxL) != 2 or np.shape(tokens_NxL) != np.shape(segments_NxL):
         raise ValueError(
-            f"tokens {tokens_NxL.shape} and segments {segments_NxL.shape} must be [N, L] arrays "
-            "of one shape"
-        )
-    empty = np.flatnonzero(~(segments_NxL != 0).any(axis=1))
-    if empty.size:
-        raise ValueError(
-            f"{empty.size} sequences have no real token (all segment ids 0), e.g. rows {empty[:5]}"
-        )
-    return tokens_NxL, segments_NxL
+            f"tokens {np.shape(tokens_NxL)} and segments {np.shape(segments_NxL)} must be [N, L] "
+            "arrays of one shape")
+
+    def read(idx):
+        tokens_BxL, segments_BxL = np.asarray(tokens_NxL[idx]), np.asarray(segments_NxL[idx])
+        real_BxL = segments_BxL != 0
+        empty = np.unique(np.asarray(idx)[~real_BxL.any(axis=1)])
+        if empty.size:
+            raise ValueError(f"{empty.size} sequences have no real token (all segment ids 0), "
+                             f"e.g. rows {empty[:5]}")
+        if vocab_size is not None:
+            ids = tokens_BxL[real_BxL]
+            if ids.min() < 0 or ids.max() >= vocab_size:
+                raise ValueError(f"token ids must lie in [0, {vocab_size}) (the table's rows)")
+        return tokens_BxL, segments_BxL
+
+    return read, len(tokens_NxL)
 
 
 def _map_rows(fn: Callable, rows, num: int, batch_size: int, desc: str, progress: bool,
-              **kwargs) -> np.ndarray:
-    """`rowmap.map_rows` of `num` rows on the default device, in batches of
-    `min(batch_size, num)` rows (a small pool is one batch), as float32."""
-    out = rowmap.map_rows(fn, rows, min(batch_size, num), progress=progress, desc=desc, **kwargs)
-    return np.asarray(out, np.float32)
+              to: stream.Target | None = None, **kwargs) -> np.ndarray:
+    """`stream.map_rows` of `num` rows on the default device, in batches of
+    `min(batch_size, num)` rows (a small pool is one batch): float32 in memory, or streamed
+    `to` a target (memory-mapped)."""
+    if callable(rows):
+        kwargs["num_rows"] = num
+    out = stream.map_rows(fn, rows, min(batch_size, num), to=to, progress=progress, desc=desc,
+                          **kwargs)
+    return out if to is not None else np.asarray(out, np.float32)
 
 
 def _masked_mean(x_BxLxD, mask_BxL):
@@ -86,41 +102,38 @@ def _token_mean_batch(table_VxD, tokens_BxL, segments_BxL):
 
 
 def token_mean(
-    table_VxD, tokens_NxL, segments_NxL, batch_size: int = 1024, progress: bool = True
+    table_VxD, tokens_NxL, segments_NxL, batch_size: int = 1024, progress: bool = True,
+    to: stream.Target | None = None,
 ) -> np.ndarray:
     """Mean of the rows of an embedding table `[V, D]` over each sequence's real tokens ->
     `[N, D]` float32."""
-    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
     table_VxD = jnp.asarray(table_VxD)
     if table_VxD.ndim != 2:
         raise ValueError(f"the embedding table must be [V, D], got shape {table_VxD.shape}")
-    real = segments_NxL != 0
-    if real.any() and (tokens_NxL[real].min() < 0 or tokens_NxL[real].max() >= len(table_VxD)):
-        raise ValueError(f"token ids must lie in [0, {len(table_VxD)}) (the table's rows)")
-    return _map_rows(lambda batch: _token_mean_batch(table_VxD, *batch),
-                     (tokens_NxL, segments_NxL), len(tokens_NxL), batch_size, "lm_token_mean",
-                     progress)
+    read, num = _pool_rows(tokens_NxL, segments_NxL, len(table_VxD))
+    return _map_rows(lambda batch: _token_mean_batch(table_VxD, *batch), read, num, batch_size,
+                     "lm_token_mean", progress, to)
 
 
 def lm_token_mean(
-    params, tokens_NxL, segments_NxL, batch_size: int = 1024, progress: bool = True
+    params, tokens_NxL, segments_NxL, batch_size: int = 1024, progress: bool = True,
+    to: stream.Target | None = None,
 ) -> np.ndarray:
     """Mean of the LM's input token-embedding rows over real tokens -> `[N, D]` float32."""
     return token_mean(
-        transformer.token_embedding(params), tokens_NxL, segments_NxL, batch_size, progress
+        transformer.token_embedding(params), tokens_NxL, segments_NxL, batch_size, progress, to
     )
 
 
 def lm_output_mean(
     model: nn.Module, params, tokens_NxL, segments_NxL, batch_size: int = 64,
-    progress: bool = True,
+    progress: bool = True, to: stream.Target | None = None,
 ) -> np.ndarray:
     """Mean of the LM's final hidden states (after the final norm) over real tokens ->
     `[N, D]` float32. `model(tokens, segments, return_hidden=True)` returns `(logits, hidden)`."""
-    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
-    return _map_rows(lambda batch: _output_mean_batch(model, params, *batch),
-                     (tokens_NxL, segments_NxL), len(tokens_NxL), batch_size, "lm_output_mean",
-                     progress)
+    read, num = _pool_rows(tokens_NxL, segments_NxL)
+    return _map_rows(lambda batch: _output_mean_batch(model, params, *batch), read, num,
+                     batch_size, "lm_output_mean", progress, to)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -136,7 +149,8 @@ def decode_sequences(
 ) -> list[str]:
     """The text of each pool sequence: each document (run of one nonzero segment id) decoded by
     the LM's tokenizer, joined by `separator`."""
-    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+    read, num = _pool_rows(tokens_NxL, segments_NxL)
+    tokens_NxL, segments_NxL = read(np.arange(num))
     n, length = segments_NxL.shape
     starts_new_run_NxL = np.ones((n, length), bool)
     starts_new_run_NxL[:, 1:] = segments_NxL[:, 1:] != segments_NxL[:, :-1]
@@ -179,7 +193,7 @@ def encoder_inputs(
     pool tokens, the encoder's tokenizer and `M` are unchanged (a fingerprint of all three is
     stored).
     """
-    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
+    _pool_rows(tokens_NxL, segments_NxL)  # Shapes now; each chunk's rows as it is decoded.
     max_tokens = encoder.max_length if max_tokens is None else max_tokens
     fingerprint = _fingerprint(encoder, tokens_NxL, segments_NxL, max_tokens)
     cache_path = pathlib.Path(cache_path) if cache_path is not None else None
@@ -210,6 +224,7 @@ def encoder_embed(
     batch_size: int = 64,
     length_multiple: int = 32,
     progress: bool = True,
+    to: stream.Target | None = None,
 ) -> np.ndarray:
     """Encoder embeddings `[N, D]` float32 of tokenised sequences (from `encoder_inputs`).
 
@@ -228,8 +243,8 @@ def encoder_embed(
         return ids_NxM[idx], np.arange(ids_NxM.shape[1]) < lengths_N[idx, None]
 
     return _map_rows(lambda batch: encoder_lib.embed_token_ids(encoder, *batch), read,
-                     len(ids_NxM), batch_size, "encoder", progress, num_rows=len(ids_NxM),
-                     lengths_N=lengths_N, length_multiple=length_multiple)
+                     len(ids_NxM), batch_size, "encoder", progress, to, lengths_N=lengths_N,
+                     length_multiple=length_multiple)
 
 
 def _mix32(x):
@@ -269,16 +284,15 @@ def _ngram_batch(tokens_BxL, segments_BxL, num_buckets: int):
 
 def ngram_hash(
     tokens_NxL, segments_NxL, num_buckets: int = 4096, batch_size: int = 1024,
-    progress: bool = True,
+    progress: bool = True, to: stream.Target | None = None,
 ) -> np.ndarray:
     """Hashed n-gram counts `[N, num_buckets]` float32 (DSIR style): every real token and every
     pair of adjacent tokens within one document adds 1 to its bucket (`ngram_keys`)."""
-    tokens_NxL, segments_NxL = _check_pool(tokens_NxL, segments_NxL)
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    return _map_rows(lambda batch: _ngram_batch(*batch, num_buckets=num_buckets),
-                     (tokens_NxL, segments_NxL), len(tokens_NxL), batch_size, "ngram_hash",
-                     progress)
+    read, num = _pool_rows(tokens_NxL, segments_NxL)
+    return _map_rows(lambda batch: _ngram_batch(*batch, num_buckets=num_buckets), read, num,
+                     batch_size, "ngram_hash", progress, to)
 
 
 @dataclasses.dataclass(frozen=True)

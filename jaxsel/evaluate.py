@@ -25,19 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsel import loss, rowmap, sharding
+from jaxsel import loss, rowmap, sharding, stream
 
 
 def sequence_loss_sums(trainer, params, pool, ids: np.ndarray, batch_size: int,
-                       progress: bool = False) -> np.ndarray:
-    """[len(ids), 2] float64: (sum of token losses, number of target tokens) per sequence."""
+                       progress: bool = False, to: stream.Target | None = None) -> np.ndarray:
+    """[len(ids), 2] float64: (sum of token losses, number of target tokens) per sequence; or
+    streamed `to` a target, float32 and memory-mapped (`jaxsel.stream`)."""
     ids = np.asarray(ids, np.int64)
     if ids.size == 0:
         raise ValueError("ids: empty; nothing to evaluate")
-    sums = rowmap.map_rows(functools.partial(trainer.sequence_losses, params),
+    sums = stream.map_rows(functools.partial(trainer.sequence_losses, params),
                            lambda idx: pool.rows(ids[idx]), _whole_shards(trainer, batch_size),
-                           trainer.mesh, num_rows=ids.size, progress=progress, desc="eval")
-    return sums.astype(np.float64)
+                           trainer.mesh, to=to, num_rows=ids.size, progress=progress,
+                           desc="eval")
+    return sums if to is not None else sums.astype(np.float64)
 
 
 def perplexity_by_domain(trainer, params, pool, ids, batch_size: int) -> dict[str, float]:

@@ -40,7 +40,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh
 
-from jaxsel import rowmap, sharding, stats
+from jaxsel import rowmap, sharding, stats, stream
 from jaxsel.model import encoder as encoder_lib
 
 Array = jax.Array
@@ -324,9 +324,10 @@ def fit(encoder: encoder_lib.Encoder, ids_NxM, lengths_N, influences_N,
 
 def predict(encoder: encoder_lib.Encoder, params, label_mean: float, label_std: float, ids_NxM,
             lengths_N, batch_size: int = 64, length_multiple: int = 32, mesh: Mesh | None = None,
-            progress: bool = True) -> np.ndarray:
+            progress: bool = True, to: stream.Target | None = None) -> np.ndarray:
     """Predicted influence `[N]` float32 in the original units (`z * label_std + label_mean`),
-    row i for row i of `ids_NxM`; lower is better.
+    row i for row i of `ids_NxM`; lower is better. In memory, or streamed `to` a target
+    (memory-mapped: `jaxsel.stream`).
 
     Rows are visited shortest first (`rowmap.map_rows`) in batches of `batch_size` rows (fewer
     when N is smaller; the last one padded) cut to their longest length rounded up to
@@ -339,23 +340,28 @@ def predict(encoder: encoder_lib.Encoder, params, label_mean: float, label_std: 
         raise ValueError(f"label_mean={label_mean} must be finite and label_std={label_std} "
                          "finite and > 0")
     forward_fn = _jitted_forward(make_module(encoder), mesh)
-    z_N = _predict_z(forward_fn, _place(params, mesh), ids_NxM, lengths_N, batch_size,
-                     length_multiple, mesh, progress)
-    return (z_N * np.float32(label_std) + np.float32(label_mean)).astype(np.float32)
+    return _predict_z(forward_fn, _place(params, mesh), ids_NxM, lengths_N, batch_size,
+                      length_multiple, mesh, progress, (label_std, label_mean), to)
 
 
 def _predict_z(forward_fn, params, ids_NxM, lengths_N, batch_size: int, length_multiple: int,
-               mesh: Mesh | None, progress: bool) -> np.ndarray:
-    """z-scored predictions `[N]` float32, in batches of `batch_size` rows or of N rounded up to
-    `rowmap.batch_multiple(mesh)`, whichever is smaller."""
+               mesh: Mesh | None, progress: bool, scale_shift: tuple[float, float] = (1.0, 0.0),
+               to: stream.Target | None = None) -> np.ndarray:
+    """z-scored predictions `[N]` float32 (times `scale`, plus `shift`), in batches of
+    `batch_size` rows or of N rounded up to `rowmap.batch_multiple(mesh)`, whichever is
+    smaller."""
     n = len(lengths_N)
     batch_size = min(batch_size, _round_up(n, rowmap.batch_multiple(mesh)))
-    z_N = rowmap.map_rows(lambda batch: forward_fn(params, batch["ids_BxL"], batch["mask_BxL"]),
-                          lambda idx: _rows(ids_NxM, lengths_N, idx), batch_size, mesh,
-                          num_rows=n, lengths_N=lengths_N,
+    scale, shift = (np.float32(x) for x in scale_shift)
+
+    def fn(batch):
+        return forward_fn(params, batch["ids_BxL"], batch["mask_BxL"]) * scale + shift
+
+    z_N = stream.map_rows(fn, lambda idx: _rows(ids_NxM, lengths_N, idx), batch_size, mesh,
+                          to=to, num_rows=n, lengths_N=lengths_N,
                           length_multiple=length_multiple, progress=progress,
                           desc="influence model predict")
-    return np.asarray(z_N, np.float32)
+    return z_N if to is not None else np.asarray(z_N, np.float32)
 
 
 def _val_metrics(preds_V: np.ndarray, targets_V: np.ndarray) -> dict[str, float]:

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 import scipy.stats
 
-from jaxsel import evaluate, loss, rowmap, sharding
+from jaxsel import evaluate, loss, rowmap, sharding, stream
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model.transformer import matmul_flops_per_token
 
@@ -368,7 +368,8 @@ class Prober:
     split over `data` x `fsdp`; the last chunk is padded with rows whose results are dropped.
     Memory is about `chunk_size x num_params`: the chunk size is the knob. Every process passes
     the same candidates and gets all results; results are numpy arrays aligned with the
-    candidates' rows.
+    candidates' rows, or, given `to=stream.Target(...)`, memory-mapped arrays streamed to disk
+    (resumable, split across processes: `jaxsel.stream`).
 
     Reference sets are evaluated `reference_batch_size` rows at a time, and the oracle evaluates
     them for `eval_batch_size` candidates at once (default: the whole chunk, vmapped, which is
@@ -412,25 +413,28 @@ class Prober:
         return float(self._reference_loss(params, self.put(reference)))
 
     def oracle_influence(self, state, candidates: Mapping[str, np.ndarray],
-                         reference: Reference, progress: bool = True) -> np.ndarray:
+                         reference: Reference, progress: bool = True,
+                         to: stream.Target | None = None) -> np.ndarray:
         """[N] float32 exact one-step influence of each candidate on `reference` from `state`
         (`chunk_oracle_influence`): reference loss after - before. Lower is better."""
         reference = self.put(reference)
         return self.map(lambda chunk: self._oracle(state, chunk, reference), candidates,
-                         "oracle influence", progress)
+                        "oracle influence", progress, to)
 
     def first_order_influence(self, state, candidates: Mapping[str, np.ndarray],
-                              reference: Reference, progress: bool = True) -> np.ndarray:
+                              reference: Reference, progress: bool = True,
+                              to: stream.Target | None = None) -> np.ndarray:
         """[N] float32 first-order influence (`chunk_first_order_influence`). Lower is better."""
         reference = self.put(reference)
         return self.map(lambda chunk: self._first_order(state, chunk, reference), candidates,
-                         "first-order influence", progress)
+                        "first-order influence", progress, to)
 
     def grad_features(self, params, candidates: Mapping[str, np.ndarray],
-                      projection: GradProjection, progress: bool = True) -> np.ndarray:
+                      projection: GradProjection, progress: bool = True,
+                      to: stream.Target | None = None) -> np.ndarray:
         """[N, k] float32 projected per-example gradients (`project`)."""
         return self.map(lambda chunk: self._features(params, chunk, projection), candidates,
-                         "gradient features", progress)
+                        "gradient features", progress, to)
 
     def put(self, reference: Reference) -> Reference:
         """Checks `reference` (`evaluate.check_rows`) and makes it a replicated global array on
@@ -441,28 +445,36 @@ class Prober:
         replicated = sharding.replicated(self.trainer.mesh)
         return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in rows))
 
-    def map(self, fn, candidates, desc: str, progress: bool) -> np.ndarray:
-        """`fn(chunk)` over the candidates' chunks (`rowmap.map_rows`): an array, or a pytree of
-        arrays, float32, aligned with the candidates' rows."""
+    def map(self, fn, candidates, desc: str, progress: bool,
+            to: stream.Target | None = None) -> np.ndarray:
+        """`fn(chunk)` over the candidates' chunks (`stream.map_rows`): an array, or a pytree of
+        arrays, aligned with the candidates' rows: float32 in memory, or streamed `to` a target
+        (memory-mapped)."""
         tokens, segments = _check_rows(candidates, "candidates", self.seq_len)
 
         def read(idx):
             return {"tokens": np.asarray(tokens[idx], np.int32),
                     "segments": np.asarray(segments[idx], np.int32)}
 
-        results = rowmap.map_rows(fn, read, self.chunk_size, self.trainer.mesh,
+        results = stream.map_rows(fn, read, self.chunk_size, self.trainer.mesh, to=to,
                                   num_rows=len(tokens), progress=progress, desc=desc)
-        return jax.tree.map(lambda x: np.asarray(x, np.float32), results)
+        return results if to is not None else jax.tree.map(
+            lambda x: np.asarray(x, np.float32), results)
 
 
 def pool_losses(trainer, params, pool, batch_size: int, ids: np.ndarray | None = None,
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True, to: stream.Target | None = None) -> np.ndarray:
     """Mean token loss of each sequence, [len(ids)] float32 aligned with `ids` (default: the whole
     pool, so row i is pool id i); 0 for a sequence without a target. Uses the one eval function,
-    `evaluate.sequence_loss_sums` (`Trainer.sequence_losses`, jitted and sharded)."""
+    `evaluate.sequence_loss_sums` (`Trainer.sequence_losses`, jitted and sharded), streamed `to`
+    a target when given (the sums on disk; the [N] means in memory)."""
     ids = np.arange(len(pool)) if ids is None else np.asarray(ids)
-    sums = evaluate.sequence_loss_sums(trainer, params, pool, ids, batch_size, progress)
-    return (sums[:, 0] / np.maximum(sums[:, 1], 1.0)).astype(np.float32)
+    sums = evaluate.sequence_loss_sums(trainer, params, pool, ids, batch_size, progress, to)
+    means = np.empty(len(ids), np.float32)
+    for start in range(0, len(ids), 1 << 20):  # Bounded memory over memory-mapped sums.
+        rows = np.asarray(sums[start:start + (1 << 20)], np.float64)
+        means[start:start + len(rows)] = rows[:, 0] / np.maximum(rows[:, 1], 1.0)
+    return means
 
 
 def first_order_spearman(exact_N: np.ndarray, first_order_N: np.ndarray) -> float:

@@ -90,7 +90,7 @@ def map_rows(fn: Callable, rows: Rows, batch_size: int, mesh: Mesh | None = None
     """`fn` over `rows` in batches of `batch_size` (see the module docstring) -> its results as
     a pytree of numpy arrays `[N, ...]`, row i the result of row i. `progress` shows a bar
     (`desc`) on process 0."""
-    read, num = _reader(rows, num_rows)
+    read, num = reader(rows, num_rows)
     check_batch_size(batch_size, mesh)
     if lengths_N is not None:
         lengths_N = np.asarray(lengths_N)
@@ -107,7 +107,7 @@ def map_rows(fn: Callable, rows: Rows, batch_size: int, mesh: Mesh | None = None
     return out
 
 
-def _reader(rows: Rows, num_rows: int | None) -> tuple[Callable, int]:
+def reader(rows: Rows, num_rows: int | None) -> tuple[Callable, int]:
     """(read(idx) -> the rows idx as numpy, N), after checking `rows` has N >= 1 rows."""
     if callable(rows):
         if num_rows is None:

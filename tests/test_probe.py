@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsel import probe, train
+from jaxsel import probe, stream, train
 from jaxsel.data import pool as pool_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from tests.workers import probe_worker
@@ -211,6 +211,22 @@ def test_pool_losses_equal_loop_of_sequence_losses(run):
     ids = np.array([5, 0, 2])
     np.testing.assert_allclose(probe.pool_losses(trainer, params, heldout, 8, ids, False),
                                got[ids], rtol=1e-6)
+
+
+def test_streamed_probes_equal_the_in_memory_ones(run, tmp_path):
+    """The same computations streamed to disk in chunks (`jaxsel.stream`): equal results,
+    memory-mapped, found again by their inputs."""
+    trainer, state, heldout = run["trainer"], run["state"], run["heldout"]
+    target = stream.Target(tmp_path, "losses", {"pool": "heldout", "model": "run"}, 16)
+    streamed = probe.pool_losses(trainer, state.params, heldout, 8, progress=False, to=target)
+    np.testing.assert_allclose(streamed, probe.pool_losses(trainer, state.params, heldout, 8,
+                                                           progress=False), rtol=1e-6)
+    assert len(os.listdir(os.path.join(target.folder, stream.DONE))) == -(-len(heldout) // 16)
+    target = stream.Target(tmp_path, "first_order", {"candidates": 10}, 8)
+    found = run["prober"].first_order_influence(state, run["candidates"], run["reference"],
+                                                progress=False, to=target)
+    assert isinstance(found, np.memmap)
+    np.testing.assert_array_equal(found, run["first_order"])
 
 
 def test_cloze_weights_only_the_last_whole_word(run):

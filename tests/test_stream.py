@@ -1,0 +1,171 @@
+"""stream_rows against the in-memory row map: equal results for any chunk size; a run killed
+with kill -9 resumes at the first missing chunk; a corrupt chunk or marker is recomputed; another
+computation's folder is refused by name; a failed write leaves the done chunks intact; two
+processes (own chunks, or a mesh over both) write what one process writes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxsel import embed, rowmap, stream
+from tests.workers import rowmap_worker, stream_worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FN = rowmap_worker.jitted(None)
+N = rowmap_worker.NUM
+
+
+@pytest.fixture(scope="module")
+def data():
+    return rowmap_worker.inputs()
+
+
+@pytest.fixture(scope="module")
+def expected(data):
+    return rowmap.map_rows(FN, data, 4)
+
+
+def _counting(data, reads: set):
+    """A reader that adds the rows it reads to `reads`."""
+    def read(idx):
+        reads.update(np.asarray(idx).tolist())
+        return {k: v[idx] for k, v in data.items()}
+    return read
+
+
+def _stream(folder, data, reads=None, chunk_rows=8, inputs=None, **kwargs):
+    rows = data if reads is None else _counting(data, reads)
+    return stream.stream_rows(FN, rows, folder, inputs or stream_worker.INPUTS,
+                              chunk_rows=chunk_rows, batch_size=4,
+                              num_rows=None if reads is None else N, **kwargs)
+
+
+def _assert_equal(found, expected):
+    assert sorted(found) == sorted(expected)
+    for k in expected:
+        assert isinstance(found[k], np.memmap)
+        np.testing.assert_array_equal(found[k], expected[k], err_msg=k)
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 8, 12, 40])
+def test_equals_the_in_memory_map_for_any_chunk_size(tmp_path, data, expected, chunk_rows):
+    _assert_equal(_stream(tmp_path / "s", data, chunk_rows=chunk_rows), expected)
+    manifest = json.loads((tmp_path / "s" / stream.MANIFEST).read_text())
+    assert manifest["num_rows"] == N and manifest["results"]["z"]["shape"] == [2]
+    assert len(os.listdir(tmp_path / "s" / stream.DONE)) == -(-N // chunk_rows)
+
+
+def test_a_finished_folder_is_read_back_without_computing(tmp_path, data, expected):
+    _stream(tmp_path / "s", data)
+    reads = set()
+    _assert_equal(_stream(tmp_path / "s", data, reads), expected)
+    assert reads == set()
+
+
+def test_a_run_killed_mid_way_resumes_at_the_first_missing_chunk(tmp_path, data, expected):
+    folder = tmp_path / "s"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.workers.stream_worker", str(folder), "none", "0.3"],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = folder / stream.DONE
+    deadline = time.time() + 300
+    while not (done.is_dir() and len(os.listdir(done)) >= 2) and time.time() < deadline:
+        assert worker.poll() is None, "the worker ended before it was killed"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    finished = len([f for f in os.listdir(done) if f.endswith(".json")])
+    assert 2 <= finished < -(-N // 8)
+    reads = set()
+    _assert_equal(_stream(folder, data, reads), expected)
+    assert reads == set(range(8 * finished, N))  # Only the missing chunks were read again.
+
+
+def test_a_corrupt_chunk_or_marker_is_recomputed_never_read(tmp_path, data, expected):
+    folder = tmp_path / "s"
+    _stream(folder, data)
+    y = np.load(folder / "y.npy", mmap_mode="r+")
+    y[9] += 1.0  # Chunk 1's bytes no longer match its marker.
+    y.flush()
+    del y
+    (folder / stream.DONE / "00000003.json").write_text("{trunc")
+    reads = set()
+    _assert_equal(_stream(folder, data, reads), expected)
+    assert reads == set(range(8, 16)) | set(range(24, 32))
+
+
+def test_another_computations_folder_is_refused_by_name(tmp_path, data):
+    folder = tmp_path / "s"
+    _stream(folder, data)
+    with pytest.raises(ValueError, match=r"refusing to reuse .*inputs\.what: "):
+        _stream(folder, data, inputs={**stream_worker.INPUTS, "what": "another"})
+    with pytest.raises(ValueError, match=r"chunk_rows: 8 here, 12 now"):
+        _stream(folder, data, chunk_rows=12)
+    with pytest.raises(ValueError, match="chunk_rows must be a positive multiple"):
+        _stream(tmp_path / "t", data, chunk_rows=6)
+
+
+def test_a_failed_write_names_the_chunk_and_keeps_the_done_ones(tmp_path, data, expected,
+                                                                 monkeypatch):
+    folder = tmp_path / "s"
+    calls, fsync = [], os.fsync
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 5:  # Chunk 2's first array (two arrays a chunk).
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(stream.os, "fsync", full_disk)
+    with pytest.raises(OSError, match=rf"writing chunk 2 \(rows 16-23\) into {folder} failed"):
+        _stream(folder, data)
+    monkeypatch.undo()
+    assert sorted(os.listdir(folder / stream.DONE)) == ["00000000.json", "00000001.json"]
+    reads = set()
+    _assert_equal(_stream(folder, data, reads), expected)
+    assert reads == set(range(16, N))
+
+
+@pytest.mark.parametrize("mode", ["none", "mesh"])
+def test_two_processes_write_what_one_writes(tmp_path, expected, mode):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "s"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.workers.stream_worker", str(folder), mode], cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAXSEL_DISTRIBUTED": "1",
+             "JAXSEL_COORDINATOR": f"localhost:{port}", "JAXSEL_NUM_PROCESSES": "2",
+             "JAXSEL_PROCESS_ID": str(i)}) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    for i in range(2):
+        found = np.load(f"{folder}.{i}.npz")
+        for k in expected:
+            np.testing.assert_array_equal(found[k], expected[k], err_msg=k)
+    markers = [json.loads((folder / stream.DONE / f).read_text())
+               for f in sorted(os.listdir(folder / stream.DONE))]
+    assert [m["rows"] for m in markers] == [[s, min(s + 8, N)] for s in range(0, N, 8)]
+
+
+def test_targets_are_keyed_by_their_inputs_and_embeddings_stream(tmp_path):
+    a = stream.Target(tmp_path, "ngram", {"pool": "p1", "buckets": 64})
+    assert a.folder == stream.Target(tmp_path, "ngram", {"buckets": 64, "pool": "p1"}).folder
+    assert a.folder != stream.Target(tmp_path, "ngram", {"pool": "p2", "buckets": 64}).folder
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, (45, 16)).astype(np.int32)
+    segments = np.ones_like(tokens)
+    table = rng.normal(size=(50, 6)).astype(np.float32)
+    computations = {
+        "ngram_hash": lambda **kw: embed.ngram_hash(tokens, segments, 64, batch_size=8, **kw),
+        "token_mean": lambda **kw: embed.token_mean(table, tokens, segments, batch_size=8, **kw)}
+    for name, fn in computations.items():
+        streamed = fn(progress=False, to=stream.Target(tmp_path, name, {"pool": "p1"}, 16))
+        assert isinstance(streamed, np.memmap)
+        np.testing.assert_array_equal(streamed, fn(progress=False))

@@ -1,0 +1,45 @@
+"""Streams seeded rows through `stream.stream_rows` into a folder, with or without a mesh.
+
+`tests/test_stream.py` runs this as 2 processes on localhost (each writing its own chunks, or all
+computing every chunk on a mesh over both), and as one slow process it kills mid-run (kill -9).
+Usage: python -m tests.workers.stream_worker FOLDER (none|mesh) [SECONDS_PER_BATCH]
+"""
+
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxsel import sharding, stream
+from tests.workers import rowmap_worker
+
+CHUNK, BATCH = 8, 4
+INPUTS = {"what": "rowmap_worker.row_fn", "rows": rowmap_worker.NUM}
+
+
+def slow_reader(data, seconds: float):
+    def read(idx):
+        time.sleep(seconds)
+        return {k: v[idx] for k, v in data.items()}
+    return read
+
+
+def main():
+    sharding.maybe_initialize_distributed()
+    folder, mode = sys.argv[1], sys.argv[2]
+    seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    mesh = None
+    if mode == "mesh":
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(
+            {"mesh": {"data": -1, "fsdp": 1, "tensor": 1}}))
+    data = rowmap_worker.inputs()
+    found = stream.stream_rows(rowmap_worker.jitted(mesh), slow_reader(data, seconds), folder,
+                               INPUTS, chunk_rows=CHUNK, batch_size=BATCH, mesh=mesh,
+                               num_rows=rowmap_worker.NUM)
+    np.savez(f"{folder}.{jax.process_index()}.npz", **{k: np.asarray(v) for k, v in found.items()})
+
+
+if __name__ == "__main__":
+    main()
