@@ -30,6 +30,7 @@ from jaxsel import cluster, report, search
 from jaxsel.embed import check_embeddings
 
 _KEYS = ("ids", "method", "pool_size", "params", "scores")
+CHUNK_ROWS = 1 << 20  # Rows of (possibly memory-mapped) scores read at a time.
 # dedup counts a similarity >= threshold - _SLACK as a duplicate, so that threshold 1 catches
 # identical rows whose float64 cosine rounds to just below 1.
 _SLACK = 1e-9
@@ -160,16 +161,35 @@ def _check_seed(seed) -> int:
 
 def _check_scores(scores_N, name: str = "scores_N") -> np.ndarray:
     """`scores_N` as a float64 non-empty 1-D array of finite numbers."""
-    try:
-        scores_N = np.asarray(scores_N, np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an array of numbers") from None
+    return _scores(_vector(scores_N, name), slice(None), name)
+
+
+def _vector(scores_N, name: str = "scores_N") -> np.ndarray:
+    """`scores_N` as an array (numpy or memory-mapped, its values not read), after checking it
+    is non-empty and 1-D."""
+    if not isinstance(scores_N, np.ndarray):
+        try:
+            scores_N = np.asarray(scores_N)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be an array of numbers") from None
     if scores_N.ndim != 1 or scores_N.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {scores_N.shape}")
-    bad = np.flatnonzero(~np.isfinite(scores_N))
-    if bad.size:
-        raise ValueError(f"{name} has {bad.size} non-finite values, e.g. at ids {bad[:5].tolist()}")
     return scores_N
+
+
+def _scores(scores_N, rows, name: str = "scores_N") -> np.ndarray:
+    """`scores_N[rows]` as float64, after checking they are finite numbers."""
+    try:
+        values = np.asarray(scores_N[rows], np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an array of numbers") from None
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        ids = np.arange(len(scores_N))[rows][bad] if isinstance(rows, slice) else \
+            np.asarray(rows)[bad]
+        raise ValueError(f"{name} has {bad.size} non-finite values, e.g. at ids "
+                         f"{ids[:5].tolist()}")
+    return values
 
 
 def _order(scores_N: np.ndarray, lower_is_better: bool) -> np.ndarray:
@@ -190,18 +210,22 @@ def random_ids(pool_size: int, k: int, seed: int) -> Selection:
     return Selection(ids, "random", int(pool_size), dict(k=k, seed=seed))
 
 
-def top_k(scores_N, k: int, lower_is_better: bool = True) -> Selection:
+def top_k(scores_N, k: int, lower_is_better: bool = True,
+          chunk_rows: int = CHUNK_ROWS) -> Selection:
     """The k ids with the lowest (or, with `lower_is_better=False`, highest) scores, best first;
-    ties go to the lower id. Deterministic."""
-    scores_N = _check_scores(scores_N)
-    k = _check_k(k, len(scores_N))
-    ids = _order(scores_N, lower_is_better)[:k]
-    return Selection(ids, "top_k", len(scores_N), dict(k=k, lower_is_better=bool(lower_is_better)),
-                     scores_N[ids])
+    ties go to the lower id. Deterministic. `scores_N` may be memory-mapped: it is read
+    `chunk_rows` at a time (`_best_k`), with the same result for any chunk size."""
+    scores_N = _vector(scores_N)
+    n = len(scores_N)
+    k = _check_k(k, n)
+    sign = 1.0 if lower_is_better else -1.0
+    ids = _best_k(lambda rows: -sign * _scores(scores_N, rows), n, k, chunk_rows)
+    return Selection(ids, "top_k", n, dict(k=k, lower_is_better=bool(lower_is_better)),
+                     _scores(scores_N, ids))
 
 
 def gumbel_top_k(scores_N, k: int, seed: int, temperature: float = 1.0,
-                 lower_is_better: bool = True) -> Selection:
+                 lower_is_better: bool = True, chunk_rows: int = CHUNK_ROWS) -> Selection:
     """k ids drawn without replacement from the Plackett-Luce distribution with weights
     `exp(-score / temperature)` (`exp(+score / temperature)` when higher is better).
 
@@ -209,7 +233,9 @@ def gumbel_top_k(scores_N, k: int, seed: int, temperature: float = 1.0,
     noise (`default_rng(seed).gumbel`) and take the k largest, in decreasing order. The i-th id
     is then drawn with probability `w_i / (sum of the weights not yet drawn)`, so the ids come in
     the order Plackett-Luce draws them. As `temperature -> 0` this becomes `top_k`; as it grows,
-    `random_ids`.
+    `random_ids`. `scores_N` may be memory-mapped: it is read `chunk_rows` at a time, the noise
+    of rows `a...b` drawn from the generator advanced by `a` draws (one per row), so every chunk
+    size gives the same selection.
 
     MATES (Yu et al. 2024) selects this way from the predictions of its data influence model,
     trained on z-scored oracle influences (the reference loss after one step on a candidate, so
@@ -217,23 +243,44 @@ def gumbel_top_k(scores_N, k: int, seed: int, temperature: float = 1.0,
     and keeps the k smallest, i.e. the k largest of `-score - G`; `-G` is not Gumbel(max)
     distributed, so that is close to, but not exactly, the Plackett-Luce draw made here.
     """
-    scores_N = _check_scores(scores_N)
-    k, seed = _check_k(k, len(scores_N)), _check_seed(seed)
+    scores_N = _vector(scores_N)
+    n = len(scores_N)
+    k, seed = _check_k(k, n), _check_seed(seed)
     if not (_is_number(temperature) and np.isfinite(temperature)
             and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     sign = -1.0 if lower_is_better else 1.0
-    with np.errstate(over="ignore"):
-        logits_N = sign * scores_N / temperature
-    if not np.isfinite(logits_N).all():
-        raise ValueError(f"temperature={temperature} is too small for scores of magnitude "
-                         f"{np.abs(scores_N).max():.3g}: score / temperature overflows")
-    keys_N = logits_N + np.random.default_rng(seed).gumbel(size=len(scores_N))
-    best = np.argpartition(-keys_N, k - 1)[:k]
-    ids = best[np.argsort(-keys_N[best], kind="stable")]
+
+    def keys(rows: slice) -> np.ndarray:
+        scores = _scores(scores_N, rows)
+        with np.errstate(over="ignore"):
+            logits = sign * scores / temperature
+        if not np.isfinite(logits).all():
+            raise ValueError(f"temperature={temperature} is too small for scores of magnitude "
+                             f"{np.abs(scores).max():.3g}: score / temperature overflows")
+        generator = np.random.PCG64(seed)  # default_rng(seed)'s, advanced to the chunk's rows
+        generator.advance(rows.start)
+        return logits + np.random.Generator(generator).gumbel(size=len(logits))
+
+    ids = _best_k(keys, n, k, chunk_rows)
     params = dict(k=k, seed=seed, temperature=float(temperature),
                   lower_is_better=bool(lower_is_better))
-    return Selection(ids, "gumbel_top_k", len(scores_N), params, scores_N[ids])
+    return Selection(ids, "gumbel_top_k", n, params, _scores(scores_N, ids))
+
+
+def _best_k(keys_fn, n: int, k: int, chunk_rows: int) -> np.ndarray:
+    """The k ids with the largest `keys_fn(rows)` (rows a slice of [0, n)), largest first, ties
+    to the lower id; the keys computed a chunk of rows at a time, memory O(k + chunk_rows)."""
+    if not _is_int(chunk_rows) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    best_ids, best_keys = np.zeros(0, np.int64), np.zeros(0)
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, min(n, start + chunk_rows))
+        ids = np.concatenate([best_ids, np.arange(rows.start, rows.stop)])
+        keys = np.concatenate([best_keys, keys_fn(rows)])
+        keep = np.lexsort((ids, -keys))[:k]
+        best_ids, best_keys = ids[keep], keys[keep]
+    return best_ids
 
 
 def _water_fill(sizes_C, k: int) -> tuple[int, np.ndarray]:

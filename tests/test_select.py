@@ -474,3 +474,30 @@ def test_bad_input_raises_naming_the_argument(name):
     call, message = BAD_INPUTS[name]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_score_selectors_read_memory_mapped_scores_in_chunks(tmp_path):
+    """10M memory-mapped scores: top-k and Gumbel-top-k give the same ids for every chunk size
+    (and as the scores held in memory), without a second full copy in memory."""
+    import tracemalloc
+
+    n, k = 10_000_000, 1000
+    path = tmp_path / "scores.npy"
+    scores = np.lib.format.open_memmap(path, "w+", np.float32, (n,))
+    for start in range(0, n, 1 << 21):
+        rows = slice(start, start + (1 << 21))
+        scores[rows] = np.random.default_rng(start).standard_normal(len(scores[rows]))
+    scores.flush()
+    mapped = np.load(path, mmap_mode="r")
+    for select_fn in (lambda x, c: select.top_k(x, k, chunk_rows=c),
+                      lambda x, c: select.gumbel_top_k(x, k, seed=3, temperature=0.5,
+                                                       chunk_rows=c)):
+        tracemalloc.start()
+        chosen = select_fn(mapped, 1 << 18)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 16 * 2**20, peak  # A full float64 copy would be 80 MB.
+        for chunk in (1 << 16, 3_000_001, n):
+            assert np.array_equal(select_fn(mapped, chunk).ids, chosen.ids)
+    in_memory = np.asarray(mapped)
+    assert np.array_equal(select.top_k(mapped, k).ids, np.argsort(in_memory, kind="stable")[:k])
