@@ -59,7 +59,19 @@ import numpy as np
 from absl import app, logging
 
 from experiments import similarity_report as report_lib
-from jaxsel import checkpoint, cluster, embed, launch, probe, report, runs, select, stats, train
+from jaxsel import (
+    checkpoint,
+    cluster,
+    embed,
+    launch,
+    probe,
+    report,
+    runs,
+    select,
+    stats,
+    stream,
+    train,
+)
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -263,6 +275,16 @@ class Experiment:
                                                         self.trainer.abstract_params())
         return self._params[role]
 
+    def target(self, name: str, ids: np.ndarray, role: str = "", **settings) -> stream.Target:
+        """Where a per-row computation `name` over train-pool rows `ids` (under LM `role`)
+        streams to, resumable: `rows/<name>-<key>`, keyed by the pool, the rows, the model and
+        the settings."""
+        model = self.folder(role) if role else ""
+        return stream.Target(self.path("rows"), name, {
+            "pool": f"{self.train_pool.path.parent.name}/{self.train_pool.path.name}",
+            "ids": stream.ids_key(ids), "model": model,
+            **settings})
+
     def losses(self) -> dict[str, np.ndarray]:
         """The analysis sample: `ids`, `losses` (mean token loss under the loss model),
         `domains`."""
@@ -270,7 +292,7 @@ class Experiment:
             ids = self.ids["analysis"]
             losses = probe.pool_losses(self.trainer, self.params("loss_model"), self.train_pool,
                                        self.config.similarity.eval_batch_size, ids,
-                                       self.progress)
+                                       self.progress, self.target("losses", ids, "loss_model"))
             return {"ids": ids, "losses": losses,
                     "domains": np.asarray(self.train_pool.domains)[ids]}
 
@@ -303,17 +325,22 @@ class Experiment:
         logging.info("embedding %d sequences: %s", len(ids), name)
         if name == "lm_token_mean":
             return embed.lm_token_mean(self.params("embedding_model"), tokens, segments,
-                                       progress=self.progress)
+                                       progress=self.progress,
+                                       to=self.target(name, ids, "embedding_model"))
         if name == "lm_output_mean":
             return embed.lm_output_mean(self.trainer.model, self.params("embedding_model"),
-                                        tokens, segments, s.eval_batch_size, self.progress)
+                                        tokens, segments, s.eval_batch_size, self.progress,
+                                        to=self.target(name, ids, "embedding_model"))
         if name == "ngram_hash":
-            return embed.ngram_hash(tokens, segments, s.ngram_buckets, progress=self.progress)
+            return embed.ngram_hash(tokens, segments, s.ngram_buckets, progress=self.progress,
+                                    to=self.target(name, ids, buckets=s.ngram_buckets))
         ids_NxM, lengths_N = embed.encoder_inputs(
             self.encoder, tokens, segments,
             tokenizer_lib.load_tokenizer(self.train_pool.tokenizer_path), progress=self.progress)
         return embed.encoder_embed(self.encoder, ids_NxM, lengths_N, s.eval_batch_size,
-                                   progress=self.progress)
+                                   progress=self.progress, to=self.target(
+                                       name, ids, encoder=str(self.encoder.folder),
+                                       max_length=self.encoder.max_length))
 
     def clusters(self, name: str) -> dict[int, np.ndarray]:
         """K -> the cluster of each sample row: balanced k-means of embedding `name`, or for

@@ -518,6 +518,11 @@ def test_killed_run_resumes_from_the_cached_artifacts(tiny_run):
             *(os.path.join(models[m]["dir"], "model.json") for m in ("loss_model",
                                                                        "embedding_model",
                                                                        "diverse"))]
+    # The per-row computations streamed into rows/<name>-<key>, keyed by what they read.
+    streamed = sorted(f.split("-")[0] for f in os.listdir(workdir / "rows"))
+    assert streamed == sorted(["losses", *sim.EMBEDDINGS])
+    kept += [workdir / "rows" / f / "manifest.json" for f in os.listdir(workdir / "rows")
+             if not f.startswith("ngram_hash")]
     mtimes = [os.path.getmtime(p) for p in kept]
     old = {path: dict(np.load(workdir / path)) for path in (
         "embeddings/ngram_hash.npz", "clusters/ngram_hash.npz", "clusters/lm_token_mean.npz")}
