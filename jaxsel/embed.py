@@ -35,17 +35,19 @@ from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
 
-def check_embeddings(emb_NxD: np.ndarray, name: str, *, nonzero: bool = True) -> np.ndarray:
+def check_embeddings(emb_NxD: np.ndarray, name: str, *, nonzero: bool = True,
+                     first_row: int = 0) -> np.ndarray:
     """Returns `emb_NxD` as float32 after checking it is a non-empty 2-D array of finite rows
-    (and, with `nonzero`, no all-zero row); otherwise a ValueError naming `name` and the rows."""
+    (and, with `nonzero`, no all-zero row); otherwise a ValueError naming `name` and the rows
+    (numbered from `first_row`, for a chunk of a larger array)."""
     emb_NxD = np.asarray(emb_NxD, dtype=np.float32)
     if emb_NxD.ndim != 2 or 0 in emb_NxD.shape:
         raise ValueError(f"{name} must be a non-empty [N, d] array, got shape {emb_NxD.shape}")
-    bad = np.flatnonzero(~np.isfinite(emb_NxD).all(axis=1))
+    bad = first_row + np.flatnonzero(~np.isfinite(emb_NxD).all(axis=1))
     if bad.size:
         raise ValueError(f"{name} has {bad.size} rows with NaN or inf values, e.g. rows {bad[:5]}")
     if nonzero:
-        bad = np.flatnonzero(~emb_NxD.any(axis=1))
+        bad = first_row + np.flatnonzero(~emb_NxD.any(axis=1))
         if bad.size:
             raise ValueError(f"{name} has {bad.size} all-zero rows, e.g. rows {bad[:5]}")
     return emb_NxD

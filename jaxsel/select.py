@@ -192,11 +192,6 @@ def _scores(scores_N, rows, name: str = "scores_N") -> np.ndarray:
     return values
 
 
-def _order(scores_N: np.ndarray, lower_is_better: bool) -> np.ndarray:
-    """All ids, best score first, ties broken by the lower id."""
-    return np.argsort(scores_N if lower_is_better else -scores_N, kind="stable")
-
-
 # ----------------------------------------------------------------------------- selectors
 
 
@@ -219,7 +214,7 @@ def top_k(scores_N, k: int, lower_is_better: bool = True,
     n = len(scores_N)
     k = _check_k(k, n)
     sign = 1.0 if lower_is_better else -1.0
-    ids = _best_k(lambda rows: -sign * _scores(scores_N, rows), n, k, chunk_rows)
+    ids, _ = _best_k(lambda rows: -sign * _scores(scores_N, rows), n, k, chunk_rows)
     return Selection(ids, "top_k", n, dict(k=k, lower_is_better=bool(lower_is_better)),
                      _scores(scores_N, ids))
 
@@ -262,15 +257,16 @@ def gumbel_top_k(scores_N, k: int, seed: int, temperature: float = 1.0,
         generator.advance(rows.start)
         return logits + np.random.Generator(generator).gumbel(size=len(logits))
 
-    ids = _best_k(keys, n, k, chunk_rows)
+    ids, _ = _best_k(keys, n, k, chunk_rows)
     params = dict(k=k, seed=seed, temperature=float(temperature),
                   lower_is_better=bool(lower_is_better))
     return Selection(ids, "gumbel_top_k", n, params, _scores(scores_N, ids))
 
 
-def _best_k(keys_fn, n: int, k: int, chunk_rows: int) -> np.ndarray:
+def _best_k(keys_fn, n: int, k: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The k ids with the largest `keys_fn(rows)` (rows a slice of [0, n)), largest first, ties
-    to the lower id; the keys computed a chunk of rows at a time, memory O(k + chunk_rows)."""
+    to the lower id, and their keys; computed a chunk of rows at a time, memory
+    O(k + chunk_rows)."""
     if not _is_int(chunk_rows) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
     best_ids, best_keys = np.zeros(0, np.int64), np.zeros(0)
@@ -280,7 +276,7 @@ def _best_k(keys_fn, n: int, k: int, chunk_rows: int) -> np.ndarray:
         keys = np.concatenate([best_keys, keys_fn(rows)])
         keep = np.lexsort((ids, -keys))[:k]
         best_ids, best_keys = ids[keep], keys[keep]
-    return best_ids
+    return best_ids, best_keys
 
 
 def _water_fill(sizes_C, k: int) -> tuple[int, np.ndarray]:
@@ -489,15 +485,19 @@ def dedup(emb_NxD, threshold: float, order_N=None, num_neighbors: int = 16) -> n
     return np.flatnonzero(kept_N)
 
 
-def nearest_to_target(emb_NxD, target_TxD, k: int, query_batch: int = 1024) -> Selection:
+def nearest_to_target(emb_NxD, target_TxD, k: int, query_batch: int = 1024,
+                      chunk_rows: int = CHUNK_ROWS) -> Selection:
     """The k pool rows with the highest maximum cosine similarity to any target row, best
     first (ties to the lower id); `scores` are those similarities.
 
-    Each pool row's nearest target is found by `search.exact_search` (pool rows as queries,
-    `query_batch` at a time, against the target rows in chunks, so memory stays bounded) and
-    its similarity recomputed exactly in float64.
+    Pool rows (numpy or memory-mapped) are read `chunk_rows` at a time; each row's nearest
+    target is found by `search.exact_search` (`query_batch` queries at a time, against the
+    target rows in chunks, so memory stays bounded) and its similarity recomputed exactly in
+    float64. Every chunk size gives the same selection.
     """
-    emb_NxD = check_embeddings(emb_NxD, "emb_NxD", nonzero=True)
+    if np.ndim(emb_NxD) != 2 or 0 in np.shape(emb_NxD):
+        raise ValueError(f"emb_NxD must be a non-empty [N, d] array, got shape "
+                         f"{np.shape(emb_NxD)}")
     target_TxD = check_embeddings(target_TxD, "target_TxD", nonzero=True)
     if target_TxD.shape[1] != emb_NxD.shape[1]:
         raise ValueError(f"target_TxD has dimension {target_TxD.shape[1]} but emb_NxD has "
@@ -505,9 +505,15 @@ def nearest_to_target(emb_NxD, target_TxD, k: int, query_batch: int = 1024) -> S
     k = _check_k(k, len(emb_NxD))
     if not _is_int(query_batch) or query_batch < 1:
         raise ValueError(f"query_batch must be an int >= 1, got {query_batch!r}")
-    nearest_Nx1, _ = search.exact_search(_unit_rows(target_TxD), _unit_rows(emb_NxD), 1,
-                                         query_batch=query_batch)
-    sims_N = _pair_cosines(emb_NxD, target_TxD, nearest_Nx1.astype(np.int64))[:, 0]
-    ids = _order(sims_N, lower_is_better=False)[:k]
+    unit_TxD = _unit_rows(target_TxD)
+
+    def similarities(rows: slice) -> np.ndarray:
+        chunk_CxD = check_embeddings(emb_NxD[rows], "emb_NxD", nonzero=True,
+                                     first_row=rows.start)
+        nearest_Cx1, _ = search.exact_search(unit_TxD, _unit_rows(chunk_CxD), 1,
+                                             query_batch=query_batch)
+        return _pair_cosines(chunk_CxD, target_TxD, nearest_Cx1.astype(np.int64))[:, 0]
+
+    ids, sims = _best_k(similarities, len(emb_NxD), k, chunk_rows)
     return Selection(ids, "nearest_to_target", len(emb_NxD),
-                     dict(k=k, num_targets=len(target_TxD)), sims_N[ids])
+                     dict(k=k, num_targets=len(target_TxD)), sims)

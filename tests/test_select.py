@@ -501,3 +501,21 @@ def test_score_selectors_read_memory_mapped_scores_in_chunks(tmp_path):
             assert np.array_equal(select_fn(mapped, chunk).ids, chosen.ids)
     in_memory = np.asarray(mapped)
     assert np.array_equal(select.top_k(mapped, k).ids, np.argsort(in_memory, kind="stable")[:k])
+
+
+def test_nearest_to_target_reads_memory_mapped_rows_in_chunks(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "emb.npy"
+    emb = np.lib.format.open_memmap(path, "w+", np.float32, (5000, 8))
+    emb[:] = rng.standard_normal((5000, 8))
+    emb.flush()
+    mapped, target = np.load(path, mmap_mode="r"), rng.standard_normal((7, 8))
+    whole = select.nearest_to_target(np.asarray(mapped), target, 300, chunk_rows=5000)
+    for chunk in (64, 999):
+        chosen = select.nearest_to_target(mapped, target, 300, chunk_rows=chunk)
+        assert np.array_equal(chosen.ids, whole.ids)
+        np.testing.assert_array_equal(chosen.scores, whole.scores)
+    bad = np.array(mapped)
+    bad[3001] = 0.0
+    with pytest.raises(ValueError, match=r"emb_NxD has 1 all-zero rows, e.g. rows \[3001\]"):
+        select.nearest_to_target(bad, target, 3, chunk_rows=1000)
