@@ -168,6 +168,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         steps=scale["steps"], batch_size=scale["batch_size"], log_every=10,
         checkpoint_every=100, keep_checkpoints=2, eval_every=0,
         stop_at=0,  # Stop after this step (0: train.steps); the schedule spans train.steps.
+        profile_steps=(),  # (A, B): a jax.profiler trace of steps A..B in <workdir>/profile.
         eval_per_domain=scale["eval_per_domain"]))  # Held-out sequences per domain; 0 = all.
 
     # The held-out roles (`jaxsel.roles`): `target_domain` ("": none, every held-out row is
@@ -301,6 +302,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     check(t.eval_per_domain >= 0, "train.eval_per_domain", "must be >= 0 (0: all)")
     check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
+    check(not t.profile_steps or (len(t.profile_steps) == 2
+                                  and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps),
+          "train.profile_steps", f"must be () or (first, last) with 1 <= first <= last <= "
+          f"train.steps={t.steps}, got {t.profile_steps}")
     _validate_roles(config.roles)
     _validate_downstream(config)
     shape = mesh_shape(config, num_devices)

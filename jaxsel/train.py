@@ -3,7 +3,8 @@
 `train_step(state, batch, model, tx)` is a pure function; `Trainer` jits it once with the state's
 shardings (parameters by logical names, batch over data x fsdp) and donates the old state. The loop
 resumes from `<workdir>/checkpoints` (params, optimizer, step and the grain iterator state), logs
-to `<workdir>/metrics.jsonl` and draws `<workdir>/loss_curve.png` when it ends.
+to `<workdir>/metrics.jsonl` and TensorBoard event files (`<workdir>/tensorboard`, `run_log`),
+traces `train.profile_steps` and draws `<workdir>/loss_curve.png` when it ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxsel import checkpoint, figures, files, loss, report, sharding
+from jaxsel import checkpoint, figures, files, loss, report, run_log, sharding
 from jaxsel.model.transformer import ModelConfig, Transformer
 
 
@@ -157,6 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
     if jax.process_index() == 0:
         _truncate_metrics(metrics_path, start)
     tokens_per_step = t.batch_size * config.data.seq_len
+    events, profile = run_log.Events(workdir, start), run_log.Profile(workdir, t.profile_steps)
+    run_log.log_model_and_memory(state.params)
     pending: list[tuple[int, dict]] = []
     last_loss = float("nan")
     clock = time.perf_counter()
@@ -164,8 +167,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
     end = t.stop_at or t.steps
     for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(batches), trainer.mesh)
+        profile.before(step)
         state, metrics = trainer.train_step(state, {"tokens": batch["tokens"],
                                                     "segments": batch["segments"]})
+        profile.after(step, state)
         pending.append((step, metrics))
         log_now = step % t.log_every == 0 or step == end
         save_now = step % t.checkpoint_every == 0 or step == end
@@ -193,6 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
         if jax.process_index() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        events.write(row)
         if log_now:
             eta = (end - step) / max(steps_per_s, 1e-9)
             logging.info("step %d/%d loss %.4f lr %.2e %.2f steps/s %.0f tokens/s ETA %s",
@@ -203,6 +209,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
                             {"step": step, "data": batches.get_state()})
     mngr.wait_until_finished()
     mngr.close()
+    profile.close()
+    events.close()
+    run_log.log_model_and_memory(state.params)
     if jax.process_index() == 0:
         figures.loss_curves({os.path.basename(workdir.rstrip("/")) or "run":
                              report.read_jsonl(metrics_path)},
