@@ -24,12 +24,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, num_layers=2, num_heads=4, mlp_dim=512, vocab_size=2048,
                  max_seq_len=256),
     # Pythia-160M / 410M / 1B shapes (as in MATES); GELU MLP, untied embeddings like Pythia.
+    # Mixed precision on accelerators: bfloat16 compute, float32 params and optimizer state;
+    # logits are cast to float32 before the softmax and the loss.
     "small": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, vocab_size=50304,
-                  max_seq_len=2048, mlp="gelu", tie_embeddings=False),
+                  max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16"),
     "410m": dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096, vocab_size=50304,
-                 max_seq_len=2048, mlp="gelu", tie_embeddings=False),
+                 max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16"),
     "1b": dict(d_model=2048, num_layers=16, num_heads=8, mlp_dim=8192, vocab_size=50304,
-               max_seq_len=2048, mlp="gelu", tie_embeddings=False),
+               max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16"),
 }
 
 PRESET_SCALE: dict[str, dict[str, Any]] = {

@@ -141,3 +141,26 @@ def test_continue_from_carries_params_optimizer_and_step(tmp_path):
     second_config.init_from = str(tmp_path / "first")
     with pytest.raises(config_lib.ConfigError, match="continue_from"):
         config_lib.validate(second_config, jax.device_count())
+
+
+def test_mixed_precision_keeps_params_optimizer_and_loss_in_float32():
+    """The accelerator presets compute in bfloat16 with float32 params, optimizer state and
+    loss; a bfloat16 model's loss stays near the float32 model's on the same params."""
+    for preset in ("small", "410m", "1b"):
+        assert config_lib.base_config(preset).model.dtype == "bfloat16"
+    assert config_lib.base_config("tiny").model.dtype == "float32"
+    config = train_steps.tiny_config()
+    batch = next(train_steps.batches())
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    f32 = train.Trainer(config)
+    params = f32.init_params(0)
+    config.model.dtype = "bfloat16"
+    bf16 = train.Trainer(config)
+    logits = bf16.model.apply(params, batch["tokens"], batch["segments"])
+    assert logits.dtype == jnp.float32
+    state, metrics = bf16.train_step(bf16.new_state(params), batch)
+    dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.float32)} and metrics["loss"].dtype == jnp.float32
+    _, reference = f32.train_step(f32.new_state(f32.init_params(0)), batch)
+    assert float(metrics["loss"]) == pytest.approx(float(reference["loss"]), rel=1e-2)
