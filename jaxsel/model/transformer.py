@@ -9,12 +9,13 @@ document and attention never crosses a document boundary. Every parameter carrie
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from jaxsel.model import cpu_matmul
 
 Array = jax.Array
 _MASKED = -1e30  # Score of a masked pair (float32); exp(_MASKED - max) == 0.
@@ -34,6 +35,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    matmul: str = "xla"  # xla | row_major (XLA:CPU's fast weight gradients: `cpu_matmul`)
 
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict) -> ModelConfig:
@@ -66,89 +68,9 @@ def attention_mask(segments_BxL: Array) -> Array:
     return (causal & same)[:, None]
 
 
-# Projections whose gradients XLA:CPU runs fast.
-#
-# Autodiff of `x_BxLxD @ w_DxF` gives a weight gradient that contracts the two leading (token) axes
-# of `x` and `g` and then transposes; XLA:CPU lowers it with a transposed copy of the activation
-# gradient (recomputing the elementwise ops before it) and hands the `x^T @ g` form to its Eigen
-# fallback, which runs at about half the rate of the row-major `a @ b` and `a @ b^T` it gives to
-# YNNPACK (float32 MLP shapes, one core: 37 vs 73 GFLOP/s). So on CPU every projection is
-# `_matmul` on 2-D [tokens, features] views, a `jax.custom_vjp` whose weight gradient is a row-major
-# matmul on an explicitly transposed operand (an `optimization_barrier` keeps XLA from folding the
-# transpose back into the dot): the same products, summed in another order, for the cost of
-# transposing the smaller side. `jax.grad`, `jax.vmap` and forward-over-reverse (`jax.jvp` of a
-# gradient) work through it; plain forward-mode `jax.jvp` of the model does not. Other backends
-# keep flax's `lax.dot_general` and autodiff unchanged.
-
-
-def _at_b(a_TxM: Array, b_TxN: Array) -> Array:
-    """`a^T @ b` [M, N] as one row-major matmul, transposing whichever side moves fewer values."""
-    barrier = jax.lax.optimization_barrier
-    t, m = a_TxM.shape
-    n = b_TxN.shape[1]
-    if t * m <= t * n + m * n:
-        return barrier(a_TxM.T) @ b_TxN
-    return barrier(barrier(b_TxN.T) @ a_TxM).T  # (b^T a)^T: transposes b and the [N, M] result.
-
-
-@jax.custom_vjp
-def _matmul(x_TxK: Array, w_KxN: Array) -> Array:
-    return x_TxK @ w_KxN
-
-
-def _matmul_fwd(x_TxK, w_KxN):
-    return x_TxK @ w_KxN, (x_TxK, w_KxN)
-
-
-def _matmul_bwd(residuals, g_TxN):
-    x_TxK, w_KxN = residuals
-    return g_TxN @ w_KxN.T, _at_b(x_TxK, g_TxN)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
-def _matmul_t(x_TxK: Array, w_NxK: Array) -> Array:
-    """`x @ w^T` (the tied LM head against the [V, D] embedding)."""
-    return x_TxK @ w_NxK.T
-
-
-def _matmul_t_fwd(x_TxK, w_NxK):
-    return x_TxK @ w_NxK.T, (x_TxK, w_NxK)
-
-
-def _matmul_t_bwd(residuals, g_TxN):
-    x_TxK, w_NxK = residuals
-    return g_TxN @ w_NxK, _at_b(g_TxN, x_TxK)
-
-
-_matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
-
-
-def _projection(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-    """`lax.dot_general` for `nn.Dense` / `nn.DenseGeneral`: on CPU, a contraction of the last k
-    axes of `x` with the first k of `kernel` runs as `_matmul` on 2-D views (same values)."""
-    (x_contract, k_contract), batch = dimension_numbers
-    k = len(x_contract)
-    plain = (tuple(x_contract) == tuple(range(x.ndim - k, x.ndim))
-             and tuple(k_contract) == tuple(range(k)) and not any(batch))
-    if (not plain or jax.default_backend() != "cpu" or precision is not None
-            or preferred_element_type is not None):
-        return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
-    contracted = math.prod(kernel.shape[:k])
-    y = _matmul(x.reshape(-1, contracted), kernel.reshape(contracted, -1))
-    return y.reshape(*x.shape[:x.ndim - k], *kernel.shape[k:])
-
-
-def _attend(embed: nn.Embed, x_BxLxD: Array) -> Array:
-    """`embed.attend(x)` (logits against the [V, D] embedding), through `_matmul_t` on CPU."""
-    if jax.default_backend() != "cpu":
-        return embed.attend(x_BxLxD)
-    x_BxLxD, embedding_VxD = embed.promote_dtype(x_BxLxD, embed.embedding, dtype=embed.dtype)
-    logits_TxV = _matmul_t(x_BxLxD.reshape(-1, x_BxLxD.shape[-1]), embedding_VxD)
-    return logits_TxV.reshape(*x_BxLxD.shape[:-1], -1)
+def _dot_general(cfg: ModelConfig):
+    """The projections' contraction: `cpu_matmul`'s under `matmul="row_major"`, else flax's."""
+    return cpu_matmul.dot_general if cfg.matmul == "row_major" else jax.lax.dot_general
 
 
 def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
@@ -189,7 +111,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         dense = lambda name, feats, axis, names: nn.DenseGeneral(  # noqa: E731
             feats, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(names), dot_general=_projection, name=name)
+            kernel_init=_init(names), dot_general=_dot_general(cfg), name=name)
         qkv_shape = (cfg.num_heads, cfg.head_dim)
         q = dense("query", qkv_shape, -1, ("embed", "heads", "kv"))(x_BxLxD)
         k = dense("key", qkv_shape, -1, ("embed", "heads", "kv"))(x_BxLxD)
@@ -208,7 +130,7 @@ class Mlp(nn.Module):
         cfg = self.cfg
         dense = lambda name, feats, names: nn.Dense(  # noqa: E731
             feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(names), dot_general=_projection, name=name)
+            kernel_init=_init(names), dot_general=_dot_general(cfg), name=name)
         if cfg.mlp == "gated":
             h = nn.silu(dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
             h = h * dense("up", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD)
@@ -259,11 +181,12 @@ class Transformer(nn.Module):
             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm",
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))(x_BxLxD)
         if cfg.tie_embeddings:
-            logits_BxLxV = _attend(embed, hidden_BxLxD)
+            logits_BxLxV = (cpu_matmul.attend(embed, hidden_BxLxD) if cfg.matmul == "row_major"
+                            else embed.attend(hidden_BxLxD))
         else:
             logits_BxLxV = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=_init(("embed", "vocab")), dot_general=_projection,
+                kernel_init=_init(("embed", "vocab")), dot_general=_dot_general(cfg),
                 name="lm_head")(hidden_BxLxD)
         logits_BxLxV = logits_BxLxV.astype(jnp.float32)
         return (logits_BxLxV, hidden_BxLxD) if return_hidden else logits_BxLxV
