@@ -18,12 +18,13 @@ experiment measures how well that holds:
 5. each mixture's proxy is the average of its partition models (`merge.average_stream`, two models
    in memory), and, where a mixture holds several partitions of one group (`domains:K`), also the
    "macro" average of group averages (`merge.average_grouped`);
-6. gold and proxy perplexities on every held-out domain (eval set, on its `eval` rows) and the
-   headline: for each eval set, the Pearson and Spearman correlations of proxy and gold
-   perplexity across the mixtures (n = mixtures), with percentile bootstrap 95% intervals
-   over the mixtures; then the correlation pooled over (mixture, eval set) pairs, whose
-   bootstrap draws mixtures, each with all its eval sets (the pairs of one mixture share its
-   models, so they are not independent); and the training-token cost of both approaches.
+6. gold and proxy perplexities (and bits per byte, reported beside them) on every held-out
+   domain (eval set, on its `eval` rows) and the headline: for each eval set, the Pearson and
+   Spearman correlations of proxy and gold perplexity across the mixtures (n = mixtures), with
+   percentile bootstrap 95% intervals over the mixtures; then the correlation pooled over
+   (mixture, eval set) pairs, whose bootstrap draws mixtures, each with all its eval sets (the
+   pairs of one mixture share its models, so they are not independent); and the
+   training-token cost of both approaches.
 
 Every model is a model of the model pool (`runs.model`: a folder named by a key that hashes
 what and how it was trained; `config.model_pool`, default `<workdir>/models`); a finished one is
@@ -276,27 +277,28 @@ def macro_is_micro(groups: dict[str, list[int]]) -> bool:
     return len({len(members) for members in groups.values()}) == 1
 
 
-def proxy_perplexities(trainer: train.Trainer, heldout, eval_ids: np.ndarray, batch_size: int,
-                       partitions: list[Partition], partition_dirs: list[str],
-                       mixture: tuple[int, ...]) -> tuple[dict, dict]:
-    """(micro, macro) held-out perplexity per domain of a mixture's merged partition models, on
-    the held-out rows `eval_ids`, as the gold models are evaluated.
+def proxy_scores(trainer: train.Trainer, heldout, eval_ids: np.ndarray, batch_size: int,
+                 partitions: list[Partition], partition_dirs: list[str],
+                 mixture: tuple[int, ...]) -> tuple[dict, dict]:
+    """(micro, macro) held-out perplexity and bits per byte per domain
+    (`evaluate.scores_by_domain`) of a mixture's merged partition models, on the held-out rows
+    `eval_ids`, as the gold models are evaluated.
 
     Micro: the flat average of the partition models, streamed (two models in memory). Macro: the
     average of per-group averages (`merge.average_grouped`, the mixture's models in memory); it is
     evaluated only where it is another model than micro (`macro_is_micro`).
     """
     abstract = trainer.abstract_params()
-    perplexity = lambda params: evaluate.perplexity_by_domain(  # noqa: E731
+    scores = lambda params: evaluate.scores_by_domain(  # noqa: E731
         trainer, params, heldout, eval_ids, batch_size)
-    micro = perplexity(merge.average_stream(
+    micro = scores(merge.average_stream(
         load_each([partition_dirs[i] for i in mixture], abstract)))
     groups = mixture_groups(partitions, mixture)
     if macro_is_micro(groups):
         return micro, micro
     grouped = {group: list(load_each([partition_dirs[i] for i in members], abstract))
                for group, members in groups.items()}
-    return micro, perplexity(merge.average_grouped(grouped, mode="macro"))
+    return micro, scores(merge.average_grouped(grouped, mode="macro"))
 
 
 def correlation_summary(gold, proxy, num_resamples: int, seed: int, groups=None) -> dict:
@@ -389,14 +391,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pairs = []
     for mixture in mixtures:
         name = mixture_name(partitions, mixture)
-        micro, macro = proxy_perplexities(trainer, data.heldout, eval_ids, a.eval_batch_size,
-                                          partitions, partition_dirs, mixture)
-        gold = gold_models[name]["eval"]
-        pairs += [dict(mixture=name, size=len(mixture), eval_set=e, gold_ppl=gold[e],
-                       proxy_ppl=micro[e], proxy_macro_ppl=macro[e])
-                  for e in data.heldout.domain_names if e in gold]
-        logging.info("mixture %s: gold %.3f proxy %.3f (all held-out)", name, gold["all"],
-                     micro["all"])
+        micro, macro = proxy_scores(trainer, data.heldout, eval_ids, a.eval_batch_size,
+                                    partitions, partition_dirs, mixture)
+        gold = gold_models[name]
+        pairs += [pair_record(name, len(mixture), e, gold, micro, macro)
+                  for e in data.heldout.domain_names if e in gold["eval"]]
+        logging.info("mixture %s: gold %.3f proxy %.3f (all held-out)", name,
+                     gold["eval"]["all"], micro["perplexity"]["all"])
 
     macro_differs = not all(macro_is_micro(mixture_groups(partitions, m)) for m in mixtures)
     result = dict(
@@ -424,9 +425,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return result
 
 
+def pair_record(mixture: str, size: int, eval_set: str, gold: dict, micro: dict,
+                macro: dict) -> dict:
+    """A (mixture, eval set) pair: the gold model's (an `ensure_model` record) and the proxies'
+    (`proxy_scores`) perplexity (`*_ppl`) and bits per byte (`*_bpb`, None where not
+    measured) on the eval set."""
+    return dict(mixture=mixture, size=size, eval_set=eval_set, gold_ppl=gold["eval"][eval_set],
+                proxy_ppl=micro["perplexity"][eval_set],
+                proxy_macro_ppl=macro["perplexity"][eval_set],
+                gold_bpb=gold["eval_bpb"].get(eval_set),
+                proxy_bpb=micro["bits_per_byte"].get(eval_set),
+                proxy_macro_bpb=macro["bits_per_byte"].get(eval_set))
+
+
 def _model_summary(record: dict) -> dict:
     return {k: record[k] for k in ("key", "status", "steps", "tokens", "final_loss")} | {
-        "heldout_ppl": record["eval"]["all"]}
+        "heldout_ppl": record["eval"]["all"], "heldout_bpb": record["eval_bpb"].get("all")}
 
 
 STUDY = launch.Study(validate, run, report_lib.to_markdown,

@@ -9,6 +9,9 @@ from matplotlib.figure import Figure
 from jaxsel import report
 
 POOLED = "pooled_over_mixture_eval_set_pairs"  # report.json's key of the pooled correlation.
+# The numbers of a (mixture, eval set) pair, in the order of the per-pair table.
+_PAIR_NUMBERS = ("gold_ppl", "proxy_ppl", "proxy_macro_ppl", "gold_bpb", "proxy_bpb",
+                 "proxy_macro_bpb")
 
 
 def _columns(confidence: float) -> list[str]:
@@ -79,16 +82,21 @@ def to_markdown(result: dict) -> str:
         report.markdown_table(["partition", "group", "sequences"],
                               [(n, p["group"], p["sequences"])
                                for n, p in result["partitions"].items()]),
-        "\n## Perplexity per (mixture, eval set)\n",
-        report.markdown_table(["mixture", "eval set", "gold", "proxy", "proxy (macro)"],
-                              [(r["mixture"], r["eval_set"], r["gold_ppl"], r["proxy_ppl"],
-                                r["proxy_macro_ppl"]) for r in result["pairs"]]),
+        "\n## Perplexity and bits per byte per (mixture, eval set)\n",
+        f"{report.BITS_PER_BYTE}\n",
+        report.markdown_table(["mixture", "eval set", "gold ppl", "proxy ppl",
+                               "proxy (macro) ppl", "gold bits/byte", "proxy bits/byte",
+                               "proxy (macro) bits/byte"],
+                              [(r["mixture"], r["eval_set"],
+                                *(report.or_dash(r.get(k)) for k in _PAIR_NUMBERS))
+                               for r in result["pairs"]]),
         "\n## Data\n", report.splits_markdown(result["splits"]),
         "\n## Models\n",
         report.markdown_table(["role", "name", "key", "status", "steps", "final loss",
-                               "held-out ppl"],
+                               "held-out ppl", "held-out bits/byte"],
                               [(role, name, m["key"], m["status"], m["steps"], m["final_loss"],
-                                m["heldout_ppl"]) for role, name, m in model_rows]),
+                                m["heldout_ppl"], report.or_dash(m.get("heldout_bpb")))
+                               for role, name, m in model_rows]),
         "\n![proxy vs gold](proxy_vs_gold.png)\n",
     ]
     return "\n".join(parts)

@@ -17,9 +17,10 @@ evaluated as MATES evaluates its checkpoints: a copy of the stage's state decays
 rate over `optim.decay_steps` steps (on the stage's own pick, in another order) and is evaluated;
 training goes on from the stable state. Every evaluation (`runs.evaluate_model`) gives the target
 loss (in sample), the target-eval loss (out of sample: arms are compared on it), held-out
-perplexity and the zero-shot suite. Each stage also reports MATES' diagnostics (the target share
-of a plain top-k on the oracle labels, the influence model's validation Spearman, the target
-share of the pick) and the run its selection overhead against training, in FLOPs and seconds.
+perplexity and bits per byte, and the zero-shot suite. Each stage also reports MATES'
+diagnostics (the target share of a plain top-k on the oracle labels, the influence model's
+validation Spearman, the target share of the pick) and the run its selection overhead against
+training, in FLOPs and seconds.
 
 Writes into --workdir: config.json, report.json, report.md, stages.png, and `stages/<s>-<arm>/`
 (stage 0: `stages/0`) holding the stage's `selection.json`, for MATES the selection step's
@@ -274,7 +275,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              for step in ("probe", "fit", "score")},
             train_flops, sum(s["train_seconds"] for s in stages["mates"])),
         "final": {arm: {key: r[key] for key in ("target_loss", "target_eval_loss", "eval",
-                                                 "downstream")} for arm, r in final.items()},
+                                                 "eval_bpb", "downstream")}
+                  for arm, r in final.items()},
         "target_eval_loss_gain": final["random"]["target_eval_loss"]
         - final["mates"]["target_eval_loss"],
     }
@@ -282,8 +284,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def to_markdown(result: dict) -> str:
     arms, stages, o = list(ARMS), result["stages"], result["overhead"]
-    domains = list(result["final"]["mates"]["eval"])
-    perplexity = [(d, *(result["final"][a]["eval"][d] for a in arms)) for d in domains]
     per_stage = [(s, stages["mates"][s]["target_eval_loss"], stages["random"][s]
                   ["target_eval_loss"], stages["mates"][s]["target_loss"],
                   stages["random"][s]["target_loss"]) for s in range(len(stages["mates"]))]
@@ -316,8 +316,8 @@ def to_markdown(result: dict) -> str:
                 "-" if o["seconds"]["ratio"] is None else f"{o['seconds']['ratio']:.3f}")])
         + f"\nAs planned from the config (every candidate read in full windows): "
         f"{result['planned_overhead']['ratio']:.3f} of training's FLOPs.\n"
-        + "\n## Final held-out perplexity (eval role)\n\n"
-        + report.markdown_table(["domain", *arms], perplexity)
+        + "\n## Final held-out perplexity and bits per byte (eval role)\n\n"
+        + report.heldout_tables({a: result["final"][a] for a in arms})
         + "\n## Final zero-shot tasks (higher is better)\n\n"
         + report.downstream_table({a: result["final"][a]["downstream"] for a in arms})
         + "\n## Data\n\n" + report.splits_markdown(result["splits"]))

@@ -1,8 +1,9 @@
-"""Pretrains an LM on the pool (or a saved selection) and reports held-out perplexity per domain.
+"""Pretrains an LM on the pool (or a saved selection) and reports held-out perplexity and bits per
+byte per domain.
 
-Writes config.json, metrics.jsonl, checkpoints/, report.json (`final_loss`, `eval`: domain ->
-perplexity of the held-out `eval` rows, `downstream`, `splits`) and report.md into --workdir;
-running again on the same workdir resumes.
+Writes config.json, metrics.jsonl, checkpoints/, report.json (`final_loss`, `eval` and
+`eval_bpb`: domain -> perplexity and bits per byte of the held-out `eval` rows, `downstream`,
+`splits`) and report.md into --workdir; running again on the same workdir resumes.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ def run(config, workdir: str) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    rows = [(domain, ppl) for domain, ppl in result["eval"].items()]
     return (f"# Pretraining\n\nfinal train loss {result['final_loss']:.4f} after "
             f"{result['steps']} steps on {result['train_sequences']} sequences\n\n"
-            "## Held-out perplexity\n\n" + report.markdown_table(["domain", "perplexity"], rows)
+            "## Held-out perplexity and bits per byte\n\n"
+            + report.heldout_tables({"model": result})
             + "\n## Zero-shot tasks\n\n" + report.downstream_table({"model": result["downstream"]})
             + "\n## Data\n\n" + report.splits_markdown(result["splits"]))
 

@@ -28,7 +28,7 @@ def _models_markdown(models: dict) -> str:
         share = (f"{m['train_sequences']} ({m['share_fraction']:.0%} of the pool)"
                  if m["trained_here"] else "its own run's")
         rows.append((role.replace("_", " "), f"`{m['dir']}`", m["seed"], m["steps"], share,
-                     held_out))
+                     held_out, report.heldout_bpb(m)))
     if "embedding_model" not in models:
         relation = "No LM embedding is measured, so no embedding model is used."
     elif models["embedding_model"]["dir"] == models["loss_model"]["dir"]:
@@ -42,7 +42,7 @@ def _models_markdown(models: dict) -> str:
     return (f"Per-sequence losses: the loss model; `lm_token_mean` / `lm_output_mean`: the "
             f"embedding model. {relation}\n\n"
             + report.markdown_table(["model", "folder", "seed", "steps", "train sequences",
-                                     "held-out perplexity"], rows))
+                                     "held-out perplexity", "held-out bits per byte"], rows))
 
 
 def _clustering_markdown(result: dict) -> str:
@@ -76,12 +76,9 @@ def _selection_markdown(sel: dict) -> str:
     epsilon = "none (no merge)" if threshold["epsilon"] is None else f"{threshold['epsilon']:.4f}"
     summary = [(a, records[a]["method"], records[a]["clusters_covered"]["threshold"],
                 records[a]["clusters_covered"]["kmeans"], len(records[a]["domains"]),
-                records[a]["eval"]["all"],
+                records[a]["eval"]["all"], report.heldout_bpb(records[a]),
                 sel["perplexity_gain"].get(a, "-"))
                for a in arms]
-    domains = list(records[arms[0]]["eval"])
-    perplexity = [(d, *(records[a]["eval"].get(d, float("nan")) for a in arms))
-                  for d in domains]
     mix = sorted({d for a in arms for d in records[a]["domains"]})
     composition = [(d, *(records[a]["domains"].get(d, 0) for a in arms)) for d in mix]
     return (
@@ -96,9 +93,10 @@ def _selection_markdown(sel: dict) -> str:
         f"{sel['steps']} steps on each and evaluated on the held-out `eval` rows.\n\n"
         + report.markdown_table(["arm", "method", "threshold clusters covered",
                                  "k-means clusters covered", "domains covered",
-                                 "held-out perplexity (all)", "gain over random"], summary)
-        + "\n### Held-out perplexity per domain (lower is better)\n\n"
-        + report.markdown_table(["domain", *arms], perplexity)
+                                 "held-out perplexity (all)", "held-out bits per byte (all)",
+                                 "perplexity gain over random"], summary)
+        + "\n### Held-out perplexity and bits per byte per domain\n\n"
+        + report.heldout_tables(records)
         + "\n### Selected sequences per domain\n\n"
         + report.markdown_table(["domain", *arms], composition)
         + "\n### Zero-shot tasks (higher is better)\n\n"

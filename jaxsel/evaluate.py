@@ -1,7 +1,8 @@
 """Evals: perplexity per eval set, cloze (last-word) accuracy, multiple choice.
 
-- `sequence_loss_sums` / `perplexity_by_domain`: per-sequence loss sums over pool ids, aggregated
-  into token-weighted perplexities.
+- `sequence_loss_sums` / `scores_by_domain`: per-sequence loss sums over pool ids, aggregated
+  per domain into token-weighted perplexities and into bits per byte (the nats over the UTF-8
+  bytes of the scored text, `scored_bytes`, in bits: one scale for pools of any tokenizer).
 - `cloze_accuracy`: LAMBADA-style items (a `probe.Reference`, e.g. from `probe.cloze_from_pool`):
   an item is right when the greedy prediction is right at every counted position.
 - `multiple_choice`: a `tasks.MultipleChoice`, scored as lm-evaluation-harness does: each choice's
@@ -19,11 +20,13 @@ the same results. Cloze and multiple-choice rows run through one function jitted
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxsel import loss, rowmap, sharding, stream
 
@@ -42,19 +45,59 @@ def sequence_loss_sums(trainer, params, pool, ids: np.ndarray, batch_size: int,
     return sums if to is not None else sums.astype(np.float64)
 
 
-def perplexity_by_domain(trainer, params, pool, ids, batch_size: int) -> dict[str, float]:
-    """Token-weighted perplexity of rows `ids` of `pool` (e.g. a held-out role's), per domain
-    and over all of them (`"all"`)."""
+def scores_by_domain(trainer, params, pool, ids, batch_size: int
+                     ) -> dict[str, dict[str, float]]:
+    """Held-out scores of rows `ids` of `pool` (e.g. a held-out role's), per domain and over all
+    of them (`"all"`): `perplexity` (token-weighted) and `bits_per_byte` (`domain_scores`; empty
+    if the pool's tokenizer is not byte-level)."""
     ids = np.asarray(ids, np.int64)
     sums = sequence_loss_sums(trainer, params, pool, ids, batch_size)
-    domains = np.asarray(pool.domains)[ids]
-    result = {}
-    for index, name in enumerate(pool.domain_names):
-        mine = sums[domains == index]
-        if mine[:, 1].sum() > 0:
-            result[name] = float(np.exp(mine[:, 0].sum() / mine[:, 1].sum()))
-    result["all"] = float(np.exp(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0)))
-    return result
+    return domain_scores(sums, scored_bytes(pool, ids), np.asarray(pool.domains)[ids],
+                         pool.domain_names)
+
+
+def domain_scores(sums_Nx2: np.ndarray, bytes_N: np.ndarray | None, domains_N: np.ndarray,
+                  domain_names: list[str]) -> dict[str, dict[str, float]]:
+    """Per domain (index into `domain_names`) with targets, and over all rows (`"all"`), of rows
+    with (loss sum in nats, target tokens) `sums_Nx2` and scored UTF-8 bytes `bytes_N`:
+    `perplexity` = exp(nats / tokens) and `bits_per_byte` = nats / bytes / ln 2 (a domain
+    without bytes left out; empty if `bytes_N` is None)."""
+    masks = {name: domains_N == index for index, name in enumerate(domain_names)}
+    masks = {name: mask for name, mask in masks.items() if sums_Nx2[mask, 1].sum() > 0}
+    masks["all"] = np.ones(len(sums_Nx2), bool)
+    nats, tokens = ({name: x[mask].sum() for name, mask in masks.items()} for x in sums_Nx2.T)
+    out = {"perplexity": {name: float(np.exp(nats[name] / max(tokens[name], 1.0)))
+                          for name in masks}, "bits_per_byte": {}}
+    if bytes_N is not None:
+        total = {name: bytes_N[mask].sum() for name, mask in masks.items()}
+        out["bits_per_byte"] = {name: float(nats[name] / total[name] / math.log(2))
+                                for name in masks if total[name] > 0}
+    return out
+
+
+def scored_bytes(pool, ids, chunk_rows: int = 1024) -> np.ndarray | None:
+    """[len(ids)] int64: the UTF-8 bytes of the text each row of `ids` is scored on, the text of
+    its next-token targets (`target_bytes`); None (with a warning) if the pool's tokenizer is
+    not byte-level (`Pool.token_bytes`). Rows are read `chunk_rows` at a time."""
+    bytes_V = pool.token_bytes
+    if bytes_V is None:
+        logging.warning("%s: the tokenizer is not byte-level; no bits per byte", pool.path)
+        return None
+    ids = np.asarray(ids, np.int64)
+    out = np.zeros(ids.size, np.int64)
+    for start in range(0, ids.size, chunk_rows):
+        rows = pool.rows(ids[start:start + chunk_rows])
+        out[start:start + chunk_rows] = target_bytes(rows["tokens"], rows["segments"], bytes_V)
+    return out
+
+
+def target_bytes(tokens_NxL: np.ndarray, segments_NxL: np.ndarray,
+                 bytes_V: np.ndarray) -> np.ndarray:
+    """[N] int64: the sum of `bytes_V` over each row's next-token targets, the tokens its loss is
+    on (`loss.next_token_targets`: each token after the first of its document in the row)."""
+    tokens_NxL, segments_NxL = np.asarray(tokens_NxL), np.asarray(segments_NxL)
+    scored_NxL = (segments_NxL[:, :-1] > 0) & (segments_NxL[:, 1:] == segments_NxL[:, :-1])
+    return (np.asarray(bytes_V)[tokens_NxL[:, 1:]] * scored_NxL).sum(axis=1, dtype=np.int64)
 
 
 def cloze_accuracy(trainer, params, items, batch_size: int, per_item: bool = False,
@@ -69,7 +112,7 @@ def cloze_accuracy(trainer, params, items, batch_size: int, per_item: bool = Fal
     items) and `items`; with `per_item`, `correct_I` (bool per item) as well.
     """
     rows = (items.tokens_RxL, items.segments_RxL, items.positions_RxK, items.weights_RxK)
-    sums_Rx3 = _score_rows(trainer, params, rows, "items", batch_size, progress)
+    sums_Rx3 = score_rows(trainer, params, rows, "items", batch_size, progress)
     correct_I = sums_Rx3[:, 2] > 0
     result = {"accuracy": float(correct_I.mean()), "accuracy_stderr": stderr(correct_I),
               "loss": float(sums_Rx3[:, 0].sum() / sums_Rx3[:, 1].sum()),
@@ -108,7 +151,7 @@ def multiple_choice(trainer, params, mc, batch_size: int, per_item: bool = False
         raise ValueError("mc: answers_I must index each item's choices")
     if not (lengths_C > 0).all():
         raise ValueError("mc: choice_lengths_C must be positive")
-    sums_Cx3 = _score_rows(trainer, params, rows, "mc", batch_size, progress)
+    sums_Cx3 = score_rows(trainer, params, rows, "mc", batch_size, progress)
     loglik_C = -sums_Cx3[:, 0]
 
     def predictions(scores_C):
@@ -160,7 +203,7 @@ def _scorer(trainer):
     return _SCORERS[trainer]
 
 
-def _score_rows(trainer, params, rows: tuple, name: str, batch_size: int, progress: bool
+def score_rows(trainer, params, rows: tuple, name: str, batch_size: int, progress: bool
                 ) -> np.ndarray:
     """[R, 3] float64 `_row_scores` of `rows` (tokens, segments, positions, weights); errors
     name the argument `name`."""

@@ -20,6 +20,11 @@ from absl import logging
 from jaxsel import config as config_lib
 from jaxsel import files
 
+# What a table of bits per byte says they are.
+BITS_PER_BYTE = ("Bits per byte = total nats / total UTF-8 bytes of the scored text / ln 2: unlike "
+                 "perplexity (per token of the pool's tokenizer), comparable across tokenizers. "
+                 "Lower is better.")
+
 
 def quiet_library_logs() -> None:
     """Keeps orbax's per-save INFO chatter out of the run log (its warnings still show)."""
@@ -147,6 +152,31 @@ def downstream_table(by_model: dict[str, dict]) -> str:
     skipped = "".join(f"\n- {name}: {why}" for name, why in first["skipped"].items())
     return (markdown_table(["task (accuracy)", *by_model], rows)
             + (f"\nLeft out:{skipped}\n" if skipped else ""))
+
+
+def heldout_tables(by_model: dict[str, dict]) -> str:
+    """Held-out perplexity and bits per byte per domain (rows, those of the first model) of each
+    model (columns), as two markdown tables: `by_model` maps a column name to a record of
+    `runs.evaluate_model` (its `eval` and `eval_bpb`)."""
+    domains = list(next(iter(by_model.values()))["eval"])
+
+    def table(key: str) -> str:
+        return markdown_table(["domain", *by_model], [
+            (d, *(or_dash(r.get(key, {}).get(d)) for r in by_model.values())) for d in domains])
+
+    return ("Perplexity (per token; lower is better):\n\n" + table("eval")
+            + f"\n{BITS_PER_BYTE}\n\n" + table("eval_bpb"))
+
+
+def heldout_bpb(record: dict, domain: str = "all") -> float | str:
+    """The held-out bits per byte of `domain` in a `runs.evaluate_model` record, "-" where it has
+    none (its tokenizer is not byte-level, or it was saved before bits per byte were)."""
+    return or_dash(record.get("eval_bpb", {}).get(domain))
+
+
+def or_dash(x):
+    """`x`, or "-" (a table's empty cell) if it is None."""
+    return "-" if x is None else x
 
 
 def splits_markdown(splits: dict) -> str:

@@ -4,10 +4,10 @@ content-keyed model pool every experiment shares (`model`: a finished model is f
 was trained from and how, never trained again); evaluate it the same way everywhere
 (`evaluate_model`), once per run (`evaluation`).
 
-Every trained model is evaluated on the run's `eval` rows (held-out perplexity per domain, the
-zero-shot suite) and, when the run has a target domain, on the cloze items of its `target` rows
-(`target_loss`: in sample, what target-aware selectors aimed at) and of its `target_eval` rows
-(`target_eval_loss`: out of sample, what arms are ranked by).
+Every trained model is evaluated on the run's `eval` rows (held-out perplexity and bits per byte
+per domain, the zero-shot suite) and, when the run has a target domain, on the cloze items of
+its `target` rows (`target_loss`: in sample, what target-aware selectors aimed at) and of its
+`target_eval` rows (`target_eval_loss`: out of sample, what arms are ranked by).
 """
 
 from __future__ import annotations
@@ -77,12 +77,14 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
 
 def evaluate_model(config: ml_collections.ConfigDict, trainer: train.Trainer, params,
                    data: Data) -> dict:
-    """`eval` (perplexity of the `eval` rows per domain, at most `train.eval_per_domain` of
-    each), `downstream` (the zero-shot suite), and with a target `target_loss`,
-    `target_eval_loss` and `target_eval_accuracy` (cloze items; lower loss is better)."""
+    """`eval` and `eval_bpb` (perplexity and bits per byte of the `eval` rows per domain and
+    `"all"`, at most `train.eval_per_domain` of each; `evaluate.scores_by_domain`), `downstream`
+    (the zero-shot suite), and with a target `target_loss`, `target_eval_loss` and
+    `target_eval_accuracy` (cloze items; lower loss is better)."""
     eval_ids = data.roles.rows("eval", data.heldout, config.train.eval_per_domain)
-    out = {"eval": evaluate.perplexity_by_domain(trainer, params, data.heldout, eval_ids,
-                                                 config.train.batch_size),
+    scores = evaluate.scores_by_domain(trainer, params, data.heldout, eval_ids,
+                                       config.train.batch_size)
+    out = {"eval": scores["perplexity"], "eval_bpb": scores["bits_per_byte"],
            "downstream": downstream.run(trainer, params, data.suite,
                                         config.downstream.batch_size)}
     if data.items:
@@ -111,8 +113,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, data: Data,
         jax.process_count()))
     trainer = train.Trainer(config)
     eval_ids = data.roles.rows("eval", data.heldout, config.train.eval_per_domain)
-    eval_fn = lambda params, step: evaluate.perplexity_by_domain(  # noqa: E731
-        trainer, params, data.heldout, eval_ids, config.train.batch_size)
+    eval_fn = lambda params, step: evaluate.scores_by_domain(  # noqa: E731
+        trainer, params, data.heldout, eval_ids, config.train.batch_size)["perplexity"]
     start = time.perf_counter()
     result = train.run(config, workdir, batches, trainer, evaluate_fn=eval_fn)
     record = {"final_loss": result["final_loss"], "steps": result["steps"],
@@ -181,7 +183,8 @@ def evaluation(config: ml_collections.ConfigDict, data: Data, trained: dict,
                folder: str) -> dict:
     """`evaluate_model` of the `trained` model's final params (a `model` record) under this
     run's data and roles, computed once into `folder/evaluation.json`, with the `eval_seconds`
-    it took."""
+    it took (an evaluation saved before bits per byte were measured reads back with an empty
+    `eval_bpb`)."""
     def compute():
         start = time.perf_counter()
         trainer = train.Trainer(config)
@@ -189,4 +192,4 @@ def evaluation(config: ml_collections.ConfigDict, data: Data, trained: dict,
         out = evaluate_model(config, trainer, params, data)
         return {**out, "eval_seconds": round(time.perf_counter() - start, 2)}
 
-    return report.cached_json(os.path.join(folder, EVALUATION_FILE), compute)
+    return {"eval_bpb": {}, **report.cached_json(os.path.join(folder, EVALUATION_FILE), compute)}

@@ -364,6 +364,7 @@ def test_tiny_experiment_writes_the_full_report(tiny_run):
     for r in pairs:
         for k in ("gold_ppl", "proxy_ppl", "proxy_macro_ppl"):
             assert 1.0 < r[k] < math.inf, r
+            assert 0.0 < r[k.replace("ppl", "bpb")] < math.inf, r
         groups = [p.split("-")[0] for p in r["mixture"].split("+")]
         counts = {g: groups.count(g) for g in groups}
         # Macro differs from micro exactly where the groups hold unequal numbers of partitions.
@@ -440,12 +441,13 @@ def test_tiny_experiment_writes_the_full_report(tiny_run):
         assert f"| {e} | 4 | " in markdown[headline:]
     for text in ["## Pooled over (mixture, eval set) pairs", "bootstrap draws mixtures",
                  "Training-token cost", "macro proxy", "## Data", "tables, junk",
-                 *report["mixtures"], *eval_sets]:
+                 "| gold bits/byte |", "| held-out bits/byte |", *report["mixtures"], *eval_sets]:
         assert text in markdown
 
 
 def test_proxies_are_the_averages_of_the_partition_models(tiny_run):
-    """An independent merge (numpy, weights by hand) gives the proxy perplexities reported."""
+    """An independent merge (numpy, weights by hand) gives the proxy perplexities and bits per
+    byte reported."""
     tmp, overrides, report = tiny_run
     config = _config(**overrides)
     pools = pool_lib.build_pools(config)
@@ -458,14 +460,17 @@ def test_proxies_are_the_averages_of_the_partition_models(tiny_run):
                                      trainer.abstract_params()) for n in names]
     groups = [n.split("-")[0] for n in names]
     macro_weights = [1 / (len(set(groups)) * groups.count(g)) for g in groups]
-    for weights, field in (([1 / 3] * 3, "proxy_ppl"), (macro_weights, "proxy_macro_ppl")):
+    for weights, field in (([1 / 3] * 3, "proxy"), (macro_weights, "proxy_macro")):
         merged = jax.tree.map(lambda *xs, w=weights: sum(
             wk * np.asarray(x, np.float64) for wk, x in zip(w, xs, strict=True)).astype(
                 np.float32), *params)
-        ppl = evaluate.perplexity_by_domain(trainer, merged, pools["heldout"], eval_ids, 32)
+        scores = evaluate.scores_by_domain(trainer, merged, pools["heldout"], eval_ids, 32)
         for r in report["pairs"]:
             if r["mixture"] == triple:
-                assert r[field] == pytest.approx(ppl[r["eval_set"]], rel=1e-4), (field, r)
+                e = r["eval_set"]
+                assert r[f"{field}_ppl"] == pytest.approx(scores["perplexity"][e], rel=1e-4), r
+                assert r[f"{field}_bpb"] == pytest.approx(scores["bits_per_byte"][e],
+                                                          rel=1e-4), r
 
 
 def test_second_experiment_finds_every_model_in_the_pool(tiny_run, tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
 """Cloze and multiple-choice evals against hand-written loops of full forwards; `losses_at` against
-full logits; a planted signal; 8 devices against one; bad input."""
+full logits; perplexity and bits per byte of a pool of multi-byte text against a hand computation;
+a planted signal; 8 devices against one; bad input."""
 
 import dataclasses
+import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models
 
 from jaxsel import evaluate, loss, probe, tasks, train
 from jaxsel.data import pool as pool_lib
@@ -90,6 +94,80 @@ def _full_logp(model, params, tokens_BxL, segments_BxL):
 
 
 _full_logp_jit = jax.jit(_full_logp, static_argnums=0)
+
+
+def _multibyte_texts(rng, count: int) -> list[str]:
+    """Short documents of words with 1- to 4-byte UTF-8 characters (rare random CJK characters
+    and emoji among them, which a small BPE leaves split into byte tokens), each starting with an
+    ASCII word."""
+    words = ["the", "data", "café", "naïve", "Größe", "ñandú", "Ωμέγα", "東京", "😀"]
+    docs = []
+    for _ in range(count):
+        picked = [str(w) for w in rng.choice(words, int(rng.integers(4, 8)))]
+        picked.append(chr(0x4E00 + int(rng.integers(3000))) + chr(0x1F300 + int(rng.integers(200))))
+        rng.shuffle(picked)
+        docs.append("Doc " + " ".join(picked))
+    return docs
+
+
+def test_bits_per_byte_equals_hand_computation(tmp_path):
+    """On a pool of multi-byte text: a row's scored bytes are the UTF-8 bytes of the decoded text
+    of its next-token targets (every token of its document after the first; `<eos>` decodes to
+    nothing), and per domain and over all rows, perplexity = exp(nats / tokens) and bits per
+    byte = nats / bytes / ln 2, the nats summed from a plain forward's token log-probabilities."""
+    texts = _multibyte_texts(np.random.default_rng(0), 48)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "domain": f"d{i % 2}"}) + "\n"
+                            for i, t in enumerate(texts)))
+    config = probe_worker.tiny_config()
+    config.data.update(source="jsonl", paths=(str(path),), domain_field="domain",
+                       packing="document", heldout_fraction=0.5,
+                       cache_dir=str(tmp_path / "cache"))
+    heldout = pool_lib.build_pools(config)["heldout"]
+    tokenizer = tokenizer_lib.load_tokenizer(heldout.tokenizer_path)
+    trainer = train.Trainer(config)
+    params = trainer.init_params(1)
+    ids = np.arange(len(heldout))
+    rows = heldout.rows(ids)
+    logp = np.asarray(_full_logp_jit(trainer.model, params, rows["tokens"], rows["segments"]))
+    nats, tokens, bytes_, chars = (np.zeros(len(ids)) for _ in range(4))
+    split_char = False
+    for r in ids:
+        n = int((rows["segments"][r] > 0).sum())
+        assert set(rows["segments"][r][:n].tolist()) == {1}  # One whole document per row.
+        row = rows["tokens"][r][:n].tolist()
+        text = texts[int(heldout.doc_ids_of(r)[0])]
+        first, scored = tokenizer.decode(row[:1]), tokenizer.decode(row[1:])
+        assert first + scored == text and row[-1] == tokenizer_lib.eos_id(tokenizer)
+        bytes_[r], chars[r] = len(scored.encode("utf-8")), len(scored)
+        nats[r] = -sum(logp[r, t, row[t + 1]] for t in range(n - 1))
+        tokens[r] = n - 1
+        split_char |= any("\ufffd" in tokenizer.decode([t]) for t in row[1:])
+    assert split_char  # Some tokens hold part of a character: decoding them alone would miscount.
+    assert (bytes_ > chars).all()  # Multi-byte characters in every row.
+    domains = np.asarray(heldout.domains)
+    want_ppl, want_bpb = {}, {}
+    for name, mask in [*((n, domains == i) for i, n in enumerate(heldout.domain_names)),
+                       ("all", domains >= 0)]:
+        want_ppl[name] = math.exp(nats[mask].sum() / tokens[mask].sum())
+        want_bpb[name] = nats[mask].sum() / bytes_[mask].sum() / math.log(2)
+    assert len(want_ppl) == 3
+    got = evaluate.scores_by_domain(trainer, params, heldout, ids, batch_size=5)
+    assert got["perplexity"] == pytest.approx(want_ppl, rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(want_bpb, rel=1e-5)
+    np.testing.assert_array_equal(evaluate.scored_bytes(heldout, ids, chunk_rows=3), bytes_)
+
+
+def test_no_bits_per_byte_without_a_byte_level_tokenizer():
+    """A tokenizer whose ids stand for no fixed bytes (here word-level) gives no bits per byte;
+    perplexity is unchanged."""
+    word_level = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    assert tokenizer_lib.token_bytes(word_level) is None
+    sums = np.array([[2.0, 4.0], [3.0, 2.0]])
+    got = evaluate.domain_scores(sums, None, np.array([0, 1]), ["x", "y", "z"])
+    assert got["bits_per_byte"] == {}
+    assert got["perplexity"] == pytest.approx(
+        {"x": math.exp(0.5), "y": math.exp(1.5), "all": math.exp(5 / 6)})
 
 
 def test_losses_at_equals_full_logits(run):

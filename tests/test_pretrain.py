@@ -1,7 +1,9 @@
-"""The pretraining experiment end to end: it learns, it resumes exactly after SIGKILL, it never
-redoes a finished run, and a non-finite loss stops it with the last good checkpoint kept."""
+"""The pretraining experiment end to end: it learns (and reports held-out perplexity and bits
+per byte), it resumes exactly after SIGKILL, it never redoes a finished run, and a non-finite loss
+stops it with the last good checkpoint kept."""
 
 import glob
+import math
 import os
 import signal
 import subprocess
@@ -134,11 +136,19 @@ def test_tiny_pretraining_on_local_corpus_lowers_heldout_loss(tmp_path):
         cwd=ROOT, env=_env(), check=True, timeout=1200)
     result = report.read_json(workdir / "report.json")
     vocab = 2048
-    assert set(result) >= {"final_loss", "eval"}
+    assert set(result) >= {"final_loss", "eval", "eval_bpb"}
     assert result["eval"]["all"] < vocab / 4  # Uniform guessing gives ~vocab (7.6 nats).
     evals = [r["eval"]["all"] for r in report.read_jsonl(workdir / "metrics.jsonl") if "eval" in r]
     assert evals[-1] < evals[0]
-    assert (workdir / "report.md").exists() and (workdir / "config.json").exists()
+    # Bits per byte for every domain perplexity is given for; below the bits per token, since a
+    # token of this BPE holds more than one byte on average.
+    ppl, bpb = result["eval"], result["eval_bpb"]
+    assert set(bpb) == set(ppl)
+    assert all(0 < bpb[d] < math.log2(ppl[d]) for d in ppl), (ppl, bpb)
+    markdown = (workdir / "report.md").read_text()
+    assert report.BITS_PER_BYTE in markdown
+    assert f"| all | {ppl['all']:.4g} |" in markdown and f"| all | {bpb['all']:.4g} |" in markdown
+    assert (workdir / "config.json").exists()
 
 
 def test_pretrains_on_a_saved_selection_of_this_pool(tmp_path):

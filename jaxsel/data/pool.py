@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -62,7 +63,8 @@ class Pool:
     Attributes: `tokens`, `segments` [N, L] int32; `domains` [N] int32 indexing `domain_names`;
     `labels` [N] int32 indexing `label_names`; `groups` [N] int32, the held-out document group of
     each row (0 in train); `path` (the split's folder); `report` (pool.json);
-    `tokenizer_path` (the tokenizer.json the pool was tokenized with).
+    `tokenizer_path` (the tokenizer.json the pool was tokenized with); `token_bytes` (read on
+    first use).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -88,6 +90,12 @@ class Pool:
     @property
     def seq_len(self) -> int:
         return self.tokens.shape[1]
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray | None:
+        """[V] int64: the UTF-8 bytes each token id stands for in the text (0 for `<eos>` and
+        `<pad>`), or None if the pool's tokenizer is not byte-level (`tokenizer.token_bytes`)."""
+        return tokenizer_lib.token_bytes(tokenizer_lib.load_tokenizer(self.tokenizer_path))
 
     def doc_ids_of(self, i: int) -> np.ndarray:
         """The ids of the documents in row `i`, in order."""

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -76,6 +77,28 @@ def eos_id(tokenizer: Tokenizer) -> int:
             return token_id
     raise ValueError(f"data.tokenizer: the tokenizer has none of the end-of-document tokens "
                      f"{list(_EOS_CANDIDATES)}")
+
+
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray | None:
+    """[V] int64: how many UTF-8 bytes each id adds to decoded text, or None when the tokenizer
+    is not byte-level (its decoder is not `decoders.ByteLevel`), so no such fixed count exists.
+
+    As the byte-level decoder decodes: special tokens add nothing (`decode` skips them); a token
+    made of the byte alphabet's characters (`pre_tokenizers.ByteLevel.alphabet()`, one character
+    per byte) adds one byte per character; any other token (an added token) adds its own UTF-8
+    bytes. So the bytes of the text of any ids, even ids that cut a character, are the sum of
+    theirs. Ids the vocabulary skips add nothing.
+    """
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    out = np.zeros(max(vocab.values(), default=-1) + 1, np.int64)
+    for token, i in vocab.items():
+        if i not in special:
+            out[i] = len(token) if set(token) <= alphabet else len(token.encode("utf-8"))
+    return out
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
