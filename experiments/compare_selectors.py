@@ -11,7 +11,7 @@
    step) for `select_steps` steps on its pick, and is evaluated (`runs.evaluate_model`):
    `target_loss` (in sample, on the items the selectors aimed at), `target_eval_loss` (out of
    sample, on other documents of the target domain: arms are ranked by it), held-out perplexity
-   and the zero-shot suite on the `eval` role.
+   and bits per byte, and the zero-shot suite on the `eval` role.
 
 The report also gives each pick's composition against the candidates (`jaxsel.composition`: the
 share of the target domain and of junk rows, the planted near-duplicate pairs kept whole, and
@@ -78,6 +78,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f"must be in (0, 1), got {c.fit_val_fraction}")
     check(c.eval_batch_size % jax.process_count() == 0, "compare.eval_batch_size",
           f"{c.eval_batch_size} is not divisible by the {jax.process_count()} processes")
+    for key in ("group_size", "group_clusters", "group_fit_steps"):
+        check(c[key] >= 1, f"compare.{key}", f"must be >= 1, got {c[key]}")
+    for key in ("group_size", "group_clusters"):
+        check(c[key] <= c.candidates, f"compare.{key}",
+              f"{c[key]} exceeds the compare.candidates={c.candidates} rows")
+    check(c.group_probes >= 4, "compare.group_probes",
+          f"must be >= 4 (3 held out, the rest to fit on), got {c.group_probes}")
+    check(c.group_fit_lr > 0, "compare.group_fit_lr", f"must be > 0, got {c.group_fit_lr}")
+    check(0 < c.group_val_fraction < 1, "compare.group_val_fraction",
+          f"must be in (0, 1), got {c.group_val_fraction}")
+    budgets = selectors.group_mates.BUDGETS
+    check(c.group_budget in budgets, "compare.group_budget",
+          f"{c.group_budget!r} is not one of {budgets}")
 
 
 def model_config(config: ml_collections.ConfigDict, stop_at: int = 0,
@@ -217,8 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         **{name: {**arm["composition"], "pairs_kept": arm["pairs_kept"]}
                            for name, arm in arms.items()}},
         "arms": {name: {key: arm[key] for key in (
-            "target_loss", "target_eval_loss", "target_eval_accuracy", "eval", "downstream",
-            "final_loss", "method", "domains", "selection", "train_seconds")}
+            "target_loss", "target_eval_loss", "target_eval_accuracy", "eval", "eval_bpb",
+            "downstream", "final_loss", "method", "domains", "selection", "train_seconds")}
             for name, arm in arms.items()},
         "ranking": sorted(arms, key=lambda a: arms[a]["target_eval_loss"]),
         "folders": {"seed": seed["dir"], **{name: arm["dir"] for name, arm in arms.items()}},
@@ -241,10 +254,8 @@ def to_markdown(result: dict) -> str:
     base = arms["random"]["target_eval_loss"] if "random" in arms else None
     table = [(name, arms[name]["method"], arms[name]["target_eval_loss"],
               "-" if base is None else f"{base - arms[name]['target_eval_loss']:+.4f}",
-              arms[name]["target_loss"], arms[name]["eval"]["all"]) for name in ranking]
-    domains = list(seed["eval"])
-    perplexity = [(d, seed["eval"][d], *(arms[a]["eval"].get(d, float("nan")) for a in ranking))
-                  for d in domains]
+              arms[name]["target_loss"], arms[name]["eval"]["all"],
+              report.heldout_bpb(arms[name])) for name in ranking]
     mix = sorted(set(result["candidate_domains"]) | {d for a in arms for d in arms[a]["domains"]})
     counts = [(d, result["candidate_domains"].get(d, 0),
                *(arms[a]["domains"].get(d, 0) for a in ranking)) for d in mix]
@@ -263,7 +274,8 @@ def to_markdown(result: dict) -> str:
         "target-aware selectors aimed at (in sample). Lower is better for both.\n",
         "## Arms by target-eval loss\n",
         report.markdown_table(["arm", "method", "target-eval loss", "gain over random",
-                               "target loss (in sample)", "held-out perplexity (all)"], table),
+                               "target loss (in sample)", "held-out perplexity (all)",
+                               "held-out bits per byte (all)"], table),
         "\n![target-eval loss](target_eval_loss.png)\n",
         "## What each pick is made of\n",
         report.markdown_table(["pick", "target domain", "junk", "near-duplicate pairs kept "
@@ -291,9 +303,19 @@ def to_markdown(result: dict) -> str:
                       for step in ("probe", "fit", "score", "train")]
                       + [("selection / training", f"{o['flops']['ratio']:.3f}",
                           _num(o["seconds"]["ratio"]))])]
+    if "group_mates" in arms:
+        g = arms["group_mates"]["selection"]
+        parts += ["\n## Group-MATES\n",
+                  f"The relational model (alpha {g['alpha']:.3f}, beta {g['beta']:.3f}) on "
+                  f"{g['val_groups']} held-out group oracles, against the plain sum of MATES' "
+                  f"predictions over the group:\n",
+                  report.markdown_table(["group influence model", "Spearman", "Pearson"], [
+                      ("relational", _num(g["val_spearman"]), _num(g["val_pearson"])),
+                      ("sum of individual predictions", _num(g["baseline_spearman"]),
+                       _num(g["baseline_pearson"]))])]
     parts += [
-        "\n## Held-out perplexity per domain (eval role)\n",
-        report.markdown_table(["domain", "seed", *ranking], perplexity),
+        "\n## Held-out perplexity and bits per byte per domain (eval role)\n",
+        report.heldout_tables({"seed": seed, **{a: arms[a] for a in ranking}}),
         "\n![training and held-out loss](curves.png)\n",
         "\n## Selected sequences per domain\n\n![domain mix](domains.png)\n",
         report.markdown_table(["domain", "candidates", *ranking], counts),

@@ -22,7 +22,9 @@ name, k, seed)` returns the selector's `select.Selection` of pool ids.
   target item's gradient (`jaxsel.less`);
 - `minhash`: MinHash-LSH near-duplicates over word shingles removed (`jaxsel.minhash`), then
   uniform;
-- `mates` (Yu et al. 2024): oracle -> data influence model -> Gumbel-top-k (`jaxsel.mates`).
+- `mates` (Yu et al. 2024): oracle -> data influence model -> Gumbel-top-k (`jaxsel.mates`);
+- `group_mates` (Yu et al. 2025): group oracles -> a relational model over MATES' predictions
+  and the encoder embeddings -> greedy inside small clusters (`jaxsel.group_mates`).
 """
 
 from __future__ import annotations
@@ -33,16 +35,17 @@ import os
 import ml_collections
 import numpy as np
 
-from jaxsel import cluster, dsir, embed, less, mates, minhash, probe, report, select
+from jaxsel import cluster, dsir, embed, group_mates, less, mates, minhash, probe, report, select
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
 
 NAMES = ("random", "low_loss", "semdedup", "nearest", "cluster_stratified", "diverse",
-         "first_order", "mates", "dsir", "less", "minhash")
-ENCODER_NAMES = ("semdedup", "nearest", "cluster_stratified", "diverse", "mates")
+         "first_order", "mates", "dsir", "less", "minhash", "group_mates")
+ENCODER_NAMES = ("semdedup", "nearest", "cluster_stratified", "diverse", "mates", "group_mates")
 # Separate random streams of the study's seed.
 _KMEANS, _PROBES, _FIT, _LESS = range(4)
+_GROUP_MATES = 16  # group_mates' clusters, oracle groups and validation split.
 
 
 class Candidates:
@@ -169,6 +172,16 @@ class Candidates:
             self.pool, self.ids, self.encoder_inputs(), self.reference,
             config_lib.stream_seed(self.seed, _PROBES), config_lib.stream_seed(self.seed, _FIT))
 
+    def group_mates(self) -> dict:
+        """Group-MATES' clusters, group oracles and relational model over MATES' predictions and
+        the encoder embeddings, under `arms/group_mates/` (`group_mates.relational_model`)."""
+        scores, info = self.mates()
+        return group_mates.relational_model(
+            self.path("arms", "group_mates"), self.section, self.prober, self.state_fn,
+            self.pool, self.ids, scores, self.embeddings()["candidates"], info["probed_ids"],
+            info["oracle"], self.reference, config_lib.stream_seed(self.seed, _GROUP_MATES),
+            self.progress)
+
 
 def pick(candidates: Candidates, name: str, k: int, seed: int) -> select.Selection:
     """Selector `name`'s k candidates as a `select.Selection` of pool ids (`params` records the
@@ -222,6 +235,22 @@ def _mates(c: Candidates, k: int, seed: int) -> select.Selection:
         chosen.scores)
 
 
+def _group_mates(c: Candidates, k: int, seed: int) -> select.Selection:
+    model = c.group_mates()
+    fit, section = model["fit"], c.section
+    positions, marginals = group_mates.select(model["u"], model["unit"], model["clusters"], k,
+                                              fit["params"]["alpha"], fit["params"]["beta"],
+                                              section.group_budget)
+    val = fit["val"]
+    return select.Selection(positions, "group_mates_greedy", len(c.ids), dict(
+        k=k, seed=seed, group_size=section.group_size, group_probes=section.group_probes,
+        clusters=section.group_clusters, budget=section.group_budget, **fit["params"],
+        val_groups=val["groups"],
+        val_spearman=val["spearman"], val_pearson=val["pearson"],
+        baseline_spearman=val["baseline"]["spearman"],
+        baseline_pearson=val["baseline"]["pearson"]), marginals)
+
+
 _PICKERS = {
     "random": lambda c, k, seed: select.random_ids(len(c.ids), k, seed),
     "low_loss": lambda c, k, seed: select.top_k(c.losses(), k),
@@ -236,4 +265,5 @@ _PICKERS = {
                                                    lower_is_better=False),
     "less": _less,
     "minhash": _minhash,
+    "group_mates": _group_mates,
 }

@@ -14,7 +14,7 @@ import pytest
 
 from experiments import compare_selectors as cmp
 from experiments.configs import compare_selectors as cmp_config
-from jaxsel import checkpoint, probe, report, runs, select, selectors, train
+from jaxsel import checkpoint, embed, group_mates, probe, report, runs, select, selectors, train
 from jaxsel import config as config_lib
 from tests import experiment_runs as runs_lib
 
@@ -32,6 +32,7 @@ OVERRIDES = {**runs_lib.SMALL,
     "compare.probe_size": 64, "compare.probe_chunk": 8, "compare.encoder_max_length": 64,
     "compare.fit_epochs": 3, "compare.fit_batch_size": 8, "compare.predict_batch_size": 32,
     "compare.eval_batch_size": 32, "compare.dedup_threshold": 0.97,
+    "compare.group_probes": 16, "compare.group_clusters": 10,
 }
 SEED_STEPS, SELECT_STEPS, K = 20, 6, 150
 
@@ -99,6 +100,9 @@ def test_split_is_seeded_and_disjoint():
     ("compare.minhash_threshold", 0.0, "config.compare.minhash_threshold: must be in"),
     ("compare.dsir_smoothing", -1.0, "config.compare.dsir_smoothing: must be >= 0"),
     ("compare.less_dims", 0, "config.compare.less_dims: must be >= 1"),
+    ("compare.group_probes", 3, "config.compare.group_probes: must be >= 4"),
+    ("compare.group_clusters", 301, "config.compare.group_clusters: 301 exceeds"),
+    ("compare.group_budget", "bogus", "config.compare.group_budget: 'bogus' is not one of"),
     ("compare.seed_steps", 0, "config.compare.seed_steps: must be >= 1"),
     ("compare.temperature", 0.0, "config.compare.temperature: must be > 0"),
     ("compare.encoder_windows", 0, "config.compare.encoder_windows: must be >= 1"),
@@ -203,6 +207,31 @@ def test_semdedup_keeps_no_near_duplicate_pair(tiny_run):
     cos = _unit(emb[rows]) @ _unit(emb[rows]).T
     np.fill_diagonal(cos, -1)
     assert cos.max() < selection.params["threshold"]
+
+
+def test_group_mates_is_the_greedy_of_its_saved_model(tiny_run):
+    """The group oracle trains on candidates; the pick is `group_mates.select` recomputed from
+    the saved clusters, relational model, MATES' scores and embeddings."""
+    workdir, candidates = tiny_run["workdir"], tiny_run["ids"]["candidates"]
+    c, folder = tiny_run["config"].compare, tiny_run["workdir"] / "arms/group_mates"
+    oracle = np.load(folder / "oracle.npz")
+    assert oracle["ids"].shape == (16, c.group_size) and np.isin(oracle["ids"], candidates).all()
+    assert np.isfinite(oracle["trajectory"]).all() and oracle["trajectory"].std() > 0
+    model = report.read_json(folder / "relational_model.json")
+    p = model["params"]
+    scores = np.load(workdir / "arms/mates/predictions.npz")["scores"]
+    unit = embed.l2_normalize(np.load(workdir / "candidates/embeddings.npz")["candidates"])
+    positions, _ = group_mates.select(p["scale"] * scores + p["shift"], unit,
+                                      np.load(folder / "clusters.npz")["clusters"], K,
+                                      p["alpha"], p["beta"], c.group_budget)
+    selection = _selection(tiny_run, "group_mates")
+    assert selection.method == "group_mates_greedy"
+    np.testing.assert_array_equal(selection.ids, candidates[positions])
+    assert selection.params["val_spearman"] == model["val"]["spearman"]
+    text = (workdir / "report.md").read_text()
+    val = model["val"]
+    assert (f"| relational | {val['spearman']:.3f} | {val['pearson']:.3f} |" in text
+            and f"| sum of individual predictions | {val['baseline']['spearman']:.3f} |" in text)
 
 
 def test_mates_probes_candidates_and_favours_low_predictions(tiny_run):

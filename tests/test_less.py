@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from optax import tree_utils
 
-from jaxsel import less, probe, train
-from jaxsel.data import pool as pool_lib
+from jaxsel import less, probe
 from tests.workers import probe_worker
 
 
@@ -51,17 +50,9 @@ def test_max_cosine_equals_a_loop_and_ranks_zero_gradients_last():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    config = probe_worker.tiny_config()
-    config.data.update(source="synthetic", synthetic_docs_per_domain=20, heldout_fraction=0.2,
-                       cache_dir=str(tmp_path_factory.mktemp("less")))
-    pools = pool_lib.build_pools(config)
+    _, pools, trainer, state, rng = probe_worker.trained_state(  # Nonzero moments.
+        tmp_path_factory.mktemp("less"), 4)
     train_pool, heldout = pools["train"], pools["heldout"]
-    trainer = train.Trainer(config)
-    state = trainer.new_state(trainer.init_params(config.seed))
-    rng = np.random.default_rng(0)
-    for _ in range(4):  # Nonzero moments.
-        batch = train_pool.rows(rng.choice(len(train_pool), probe_worker.BATCH))
-        state, _ = trainer.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     candidates = train_pool.rows(rng.choice(len(train_pool), 6, replace=False))
     candidates["segments"][3] = 0  # A row with no token: a zero gradient.
     rows = heldout.rows(heldout.ids_of_domain("prose")[:3])

@@ -12,8 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsel import probe, stream, train
-from jaxsel.data import pool as pool_lib
+from jaxsel import probe, stream
 from jaxsel.data import tokenizer as tokenizer_lib
 from tests.workers import probe_worker
 
@@ -48,17 +47,8 @@ def run(tmp_path_factory):
     the one-device probe results on them, and the 8-device worker probing the same state (started
     as soon as the state exists, so it runs while this process compiles its own probes)."""
     tmp = tmp_path_factory.mktemp("probe")
-    config = probe_worker.tiny_config()
-    config.data.update(source="synthetic", synthetic_docs_per_domain=40, heldout_fraction=0.2,
-                       cache_dir=str(tmp / "cache"))
-    pools = pool_lib.build_pools(config)
+    config, pools, trainer, state, rng = probe_worker.trained_state(tmp / "cache", 30)
     train_pool, heldout = pools["train"], pools["heldout"]
-    trainer = train.Trainer(config)
-    state = trainer.new_state(trainer.init_params(config.seed))
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        batch = train_pool.rows(rng.choice(len(train_pool), probe_worker.BATCH))
-        state, _ = trainer.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     candidates = train_pool.rows(rng.choice(len(train_pool), 10, replace=False))
     rows = heldout.rows(heldout.ids_of_domain("prose")[:5])
     weights = rng.integers(0, 2, rows["tokens"].shape).astype(np.float32)

@@ -31,6 +31,13 @@ aim at and whose `target_eval` items rank the arms. The `compare` section:
 - `less_dims`: `less`' random projection of gradients (the paper's 8,192).
 - `minhash_threshold`, `minhash_shingle`: `minhash`'s estimated Jaccard similarity at which a
   row is a near-duplicate of a kept one, over word shingles of `minhash_shingle` words.
+- `group_size`, `group_probes`: `group_mates`' oracle groups (`group_probes` of them, half drawn
+  inside one cluster) of `group_size` members, each trained on for one step in turn (the
+  paper's rollouts of 10); `group_clusters`: the clusters its greedy picks inside (the paper's
+  10,000 for 29M rows) and `group_budget` how k is shared out over them ("cluster": in
+  proportion to their sizes, as the paper; "global": to the clusters whose next pick the model
+  rates best); `group_fit_steps`, `group_fit_lr`: full-batch Adam on its relational model's 4
+  scalars; `group_val_fraction`: the oracle groups held out to report its correlation.
 - `eval_batch_size`: sequences per batch for losses, embeddings and probing.
 """
 
@@ -58,7 +65,15 @@ COMPARE_PRESETS = {
                less_dims=8192),
 }
 SELECTORS = ("random", "low_loss", "semdedup", "nearest", "cluster_stratified", "diverse",
-             "first_order", "mates", "dsir", "less", "minhash")
+             "first_order", "mates", "dsir", "less", "minhash", "group_mates")
+# group_mates: oracle groups and clusters per preset (its oracle costs group_probes x group_size
+# one-row steps, as many as MATES' probe_size one-step oracles from `small` up).
+GROUP_MATES_PRESETS = {
+    "tiny": dict(group_size=4, group_probes=48, group_clusters=64),
+    "small": dict(group_size=10, group_probes=200, group_clusters=1000),
+    "410m": dict(group_size=10, group_probes=400, group_clusters=1000),
+    "1b": dict(group_size=10, group_probes=400, group_clusters=1000),
+}
 
 
 def get_config(arg=None):
@@ -71,6 +86,8 @@ def get_config(arg=None):
         fit_weight_decay=0.01, fit_val_fraction=0.1, predict_batch_size=64, temperature=0.5,
         eval_batch_size=64, dsir_buckets=10_000, dsir_smoothing=0.0, minhash_threshold=0.7,
         minhash_shingle=3,
+        group_budget="cluster", group_fit_steps=500, group_fit_lr=0.05, group_val_fraction=0.25,
+        **GROUP_MATES_PRESETS[preset],
         **scale))
     if preset == "tiny":
         config.train.eval_every = 20  # Held-out loss points on every arm's curve (curves.png).

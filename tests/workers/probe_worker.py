@@ -9,10 +9,12 @@ import dataclasses
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsel import config as config_lib
 from jaxsel import probe, train
+from jaxsel.data import pool as pool_lib
 
 SEQ, VOCAB, BATCH = 32, 512, 8
 PROJECTION = probe.GradProjection(k=512, seed=3, kind="gaussian", block_size=1000)
@@ -25,6 +27,23 @@ def tiny_config(data: int = -1, fsdp: int = 1):
     c.optim.warmup_steps = 5
     c.mesh.data, c.mesh.fsdp = data, fsdp
     return c
+
+
+def trained_state(folder, steps: int):
+    """The synthetic corpus' pools (built into `folder`) and a tiny model trained `steps` steps
+    on seeded train-pool batches: `(config, pools, trainer, state, rng)`, the rng ready for the
+    caller's own draws."""
+    config = tiny_config()
+    config.data.update(source="synthetic", synthetic_docs_per_domain=40, heldout_fraction=0.2,
+                       cache_dir=str(folder))
+    pools = pool_lib.build_pools(config)
+    trainer = train.Trainer(config)
+    state = trainer.new_state(trainer.init_params(config.seed))
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        batch = pools["train"].rows(rng.choice(len(pools["train"]), BATCH))
+        state, _ = trainer.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    return config, pools, trainer, state, rng
 
 
 def save_inputs(path, state, candidates, reference) -> None:
