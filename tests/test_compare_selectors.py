@@ -31,7 +31,7 @@ OVERRIDES = {**runs_lib.SMALL,
     "compare.clusters": 6,
     "compare.probe_size": 64, "compare.probe_chunk": 8, "compare.encoder_max_length": 64,
     "compare.fit_epochs": 3, "compare.fit_batch_size": 8, "compare.predict_batch_size": 32,
-    "compare.eval_batch_size": 32, "compare.dedup_threshold": 0.97,
+    "compare.eval_batch_size": 32, "compare.dedup_threshold": 0.97, "compare.less_dims": 256,
     "compare.group_probes": 16, "compare.group_clusters": 10,
 }
 SEED_STEPS, SELECT_STEPS, K = 20, 6, 150

@@ -46,10 +46,10 @@ import ml_collections
 from jaxsel import config as config_lib
 
 COMPARE_PRESETS = {
-    # ~7 minutes on 2 CPU cores: 8 arms of 40 steps from a 60-step seed; 256 of 1024 candidates.
+    # ~9 minutes on 2 CPU cores: 12 arms of 40 steps from a 60-step seed; 256 of 1024 candidates.
     "tiny": dict(seed_size=960, seed_steps=60, candidates=1024, select_size=256,
                  select_steps=40, encoder_max_length=64, clusters=16, probe_size=256,
-                 fit_epochs=6, fit_lr=1e-4, fit_batch_size=16, less_dims=256),
+                 fit_epochs=5, fit_lr=1e-4, fit_batch_size=16, less_dims=128),
     # MATES' 160M budget split into a seed and one selected stage.
     "small": dict(seed_size=1_280_000, seed_steps=5_000, candidates=1_920_000,
                   select_size=384_000, select_steps=15_000, encoder_max_length=512,
