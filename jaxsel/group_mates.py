@@ -37,7 +37,8 @@ Deviations from the released code (facebookresearch/Group-MATES):
   (a redundant member's effect shrinks towards 0) and `shift` takes the mean.
 - The paper's second, bootstrapped oracle collection (groups from a beam search of the first
   model) is not run; instead half the oracle groups are drawn inside one cluster (related
-  members, whose redundancy the relation must learn) and half uniformly (`draw_groups`).
+  members, whose redundancy the relation must learn) and half uniformly (`draw_groups`), all
+  of candidates MATES' influence model was not fit on (its predictions are out of sample there).
 - The paper clusters with plain k-means (cosine, 10,000 clusters) and picks
   `int(ratio * size)` per cluster; here balanced k-means keeps every cluster small and the
   quotas sum to exactly k (`budget="global"`, sharing k by the model's marginals instead, is not
@@ -226,18 +227,23 @@ def fit(scores_GxM, unit_GxMxD, trajectory_GxM, single_scores_P, single_oracle_P
 # 3. Influence-aware clustering and greedy selection.
 
 
-def draw_groups(clusters_N, num_groups: int, group_size: int, seed: int) -> np.ndarray:
-    """[G, M] candidate positions (distinct within a group, in training order): the first half
-    of the groups drawn uniformly, the rest each inside one uniformly chosen cluster of at least
-    M members (uniformly again if there is none)."""
-    clusters_N = np.asarray(clusters_N)
+def draw_groups(clusters_N, eligible_N, num_groups: int, group_size: int,
+                seed: int) -> np.ndarray:
+    """[G, M] candidate positions (distinct within a group, in training order) among the
+    `eligible_N` ones: the first half of the groups drawn uniformly, the rest each inside one
+    uniformly chosen cluster of at least M eligible members (uniformly again if there is none)."""
+    clusters_N, eligible_N = np.asarray(clusters_N), np.asarray(eligible_N, bool)
+    allowed = np.flatnonzero(eligible_N)
+    if len(allowed) < group_size:
+        raise ValueError(f"group_mates: {len(allowed)} eligible candidates cannot make a group "
+                         f"of {group_size}")
     rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(clusters_N == c) for c in np.unique(clusters_N)]
+    members = [np.flatnonzero((clusters_N == c) & eligible_N) for c in np.unique(clusters_N)]
     members = [m for m in members if len(m) >= group_size]
     groups = []
     for g in range(num_groups):
         if g < num_groups // 2 or not members:
-            groups.append(rng.choice(len(clusters_N), group_size, replace=False))
+            groups.append(rng.choice(allowed, group_size, replace=False))
         else:
             groups.append(rng.choice(members[rng.integers(len(members))], group_size,
                                      replace=False))
@@ -349,8 +355,14 @@ def relational_model(folder: str, section: ml_collections.ConfigDict, prober: pr
             unit_NxD, section.group_clusters,
             seed=config_lib.stream_seed(seed, _CLUSTERS)).assignments_N})["clusters"]
 
+    singles = np.searchsorted(candidates_N, single_ids)
+    # Groups only of candidates MATES' influence model was not fit on, so that the held-out
+    # correlations of both the relational model and the plain sum are out of sample.
+    unseen_N = np.ones(len(candidates_N), bool)
+    unseen_N[singles] = False
+
     def oracle():
-        positions = draw_groups(clusters, section.group_probes, section.group_size,
+        positions = draw_groups(clusters, unseen_N, section.group_probes, section.group_size,
                                 config_lib.stream_seed(seed, _GROUPS))
         ids = candidates_N[positions]
 
@@ -366,7 +378,6 @@ def relational_model(folder: str, section: ml_collections.ConfigDict, prober: pr
 
     probed = report.cached_npz(os.path.join(folder, "oracle.npz"), oracle)
     positions = probed["positions"]
-    singles = np.searchsorted(candidates_N, single_ids)
     fitted = report.cached_json(os.path.join(folder, "relational_model.json"), lambda: fit(
         scores_N[positions], unit_NxD[positions], probed["trajectory"], scores_N[singles],
         single_oracle, steps=section.group_fit_steps, learning_rate=section.group_fit_lr,

@@ -120,7 +120,7 @@ def stream_rows(fn: Callable, rows: rowmap.Rows, folder: str | os.PathLike, inpu
         layout = existing["results"]
         first = None
     else:
-        first = compute(0) if _owner(0, mesh) or mesh is not None else None
+        first = compute(0) if _owner(0) or mesh is not None else None
         layout = _layout(first) if first is not None else None
         if jax.process_index() == 0:
             _create(folder, {**manifest, "results": layout}, num)
@@ -133,10 +133,10 @@ def stream_rows(fn: Callable, rows: rowmap.Rows, folder: str | os.PathLike, inpu
     with tqdm(total=num, initial=sum(chunk_ids(c).size for c in done), desc=desc, unit="row",
               disable=not progress or jax.process_index() != 0, smoothing=0.1) as bar:
         for c in missing:
-            if mesh is None and not _owner(c, mesh):
+            if mesh is None and not _owner(c):
                 continue
             results = first if (c == 0 and first is not None) else compute(c)
-            if _owner(c, mesh):
+            if _owner(c):
                 _write(folder, c, arrays, _flat(results), chunk_ids(c))
             bar.update(chunk_ids(c).size)
     del arrays
@@ -149,8 +149,7 @@ def stream_rows(fn: Callable, rows: rowmap.Rows, folder: str | os.PathLike, inpu
 # The folder.
 
 
-def _owner(chunk: int, mesh) -> bool:
-    del mesh
+def _owner(chunk: int) -> bool:
     return chunk % jax.process_count() == jax.process_index()
 
 

@@ -159,7 +159,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
         _truncate_metrics(metrics_path, start)
     tokens_per_step = t.batch_size * config.data.seq_len
     events, profile = run_log.Events(workdir, start), run_log.Profile(workdir, t.profile_steps)
-    run_log.log_model_and_memory(state.params)
     pending: list[tuple[int, dict]] = []
     last_loss = float("nan")
     clock = time.perf_counter()

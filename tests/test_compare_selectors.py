@@ -216,6 +216,8 @@ def test_group_mates_is_the_greedy_of_its_saved_model(tiny_run):
     c, folder = tiny_run["config"].compare, tiny_run["workdir"] / "arms/group_mates"
     oracle = np.load(folder / "oracle.npz")
     assert oracle["ids"].shape == (16, c.group_size) and np.isin(oracle["ids"], candidates).all()
+    # Out of sample for MATES' predictions: no group member was among its probed candidates.
+    assert not np.isin(oracle["ids"], np.load(workdir / "arms/mates/oracle.npz")["ids"]).any()
     assert np.isfinite(oracle["trajectory"]).all() and oracle["trajectory"].std() > 0
     model = report.read_json(folder / "relational_model.json")
     p = model["params"]

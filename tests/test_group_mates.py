@@ -185,11 +185,15 @@ def test_select_returns_k_distinct_positions_by_cluster_quota():
         group_mates.quotas([2, 2], 5)
     with pytest.raises(ValueError, match="budget"):
         group_mates.select(u, unit, clusters, 3, 0.9, 0.5, budget="bogus")
-    groups = group_mates.draw_groups(clusters, 10, 4, seed=0)
-    assert groups.shape == (10, 4)
+    eligible = np.arange(len(clusters)) % 3 != 0
+    groups = group_mates.draw_groups(clusters, eligible, 10, 4, seed=0)
+    assert groups.shape == (10, 4) and eligible[groups].all()
     assert all(len(set(g)) == 4 for g in groups.tolist())
     assert all(len(set(clusters[g])) == 1 for g in groups[5:])  # Within one cluster.
-    np.testing.assert_array_equal(groups, group_mates.draw_groups(clusters, 10, 4, seed=0))
+    np.testing.assert_array_equal(groups,
+                                  group_mates.draw_groups(clusters, eligible, 10, 4, seed=0))
+    with pytest.raises(ValueError, match="3 eligible candidates"):
+        group_mates.draw_groups(clusters, np.arange(len(clusters)) < 3, 2, 4, seed=0)
 
 
 def test_arm_reads_only_the_target_items_and_its_cache(run, tmp_path, monkeypatch):
