@@ -3,6 +3,13 @@ pipeline's tokens/s beside the train step's.
 
     python -m benchmarks.train_throughput [--d-model 512 --layers 6 --seq-len 256 --batch 8]
                                           [--rounds 7 --steps 1]
+    python -m benchmarks.train_throughput --preset 410m --seq-len 2048 --batch 16 \
+        [--dtype bfloat16 --attention auto --remat none]
+
+Without `--preset` the model is the CPU shape above, on the `tiny` preset's CPU settings (float32,
+row-major projections, unrolled layers). `--preset` takes a preset's model shape and settings;
+`--dtype`, `--attention` and `--remat` override the model's, and shape flags given explicitly
+override the preset's.
 
 Prints one JSON line per measurement as it is made (each with `cpu_util`, process CPU seconds per
 wall second: about the core count when the machine is not shared), then a summary object with:
@@ -15,8 +22,10 @@ wall second: about the core count when the machine is not shared), then a summar
 - `matmul_peak_flops_per_s`: the rate (2*M*N*K FLOPs per second) of jitted float32 matmuls on the
   same devices, in the same process, interleaved with the train steps: the highest per-shape median
   of a square 2048 matmul and the model's own MLP shapes ([B*L, d] x [d, mlp] and
-  [B*L, mlp] x [mlp, d]);
-- `mfu`: `model_flops_per_s / matmul_peak_flops_per_s`. Beside it, for a machine shared with other
+  [B*L, mlp] x [mlp, d]), in the model's compute dtype;
+- `mfu`: `model_flops_per_s / matmul_peak_flops_per_s`; `mfu_vs_spec`: against the devices'
+  datasheet peak for the compute dtype (`benchmarks.common.PEAK_FLOPS`: H100/H200, A100, TPU v4,
+  v5e, v5p; null for other kinds). Beside them, for a machine shared with other
   work: `mfu_vs_best_sample` (against the fastest single matmul sample of the run: a lower bound),
   `mfu_paired` (median over rounds of the train rate over the best matmul rate of the same round)
   and the median `cpu_util` of the train steps and the matmuls;
@@ -24,8 +33,9 @@ wall second: about the core count when the machine is not shared), then a summar
   process, the same batch size and seed) from a synthetic pool of the same seq_len built through
   `jaxsel.data.pool.build_pools` in a temporary cache, and `pipeline_to_train_ratio`.
 
-Train-step times exclude compilation (the step is compiled ahead of time and run once before
-timing) and block on the final state of each timed run; the train figures are medians over
+`compile_s` is the seconds to lower and compile the train step. Train-step times exclude
+compilation (the step is compiled ahead of time and run once before timing) and block on the
+final state of each timed run; the train figures are medians over
 `--rounds` rounds. On a 2-core CPU the default run takes about a minute.
 """
 
@@ -41,19 +51,35 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks.common import MatmulPeak, emit
+from benchmarks.common import MatmulPeak, emit, peak_flops
 from jaxsel import config as config_lib
 from jaxsel import sharding, train
 from jaxsel.data import pipeline
 from jaxsel.data import pool as pool_lib
-from jaxsel.model.transformer import ModelConfig, count_params, matmul_flops_per_token
+from jaxsel.model import attention
+from jaxsel.model.transformer import (
+    REMAT_POLICIES,
+    ModelConfig,
+    count_params,
+    matmul_flops_per_token,
+)
+
+CPU_SHAPE = dict(d_model=512, num_layers=6, num_heads=8, mlp_dim=2048, vocab_size=2048)
+SHAPE_FLAGS = {"d_model": "d_model", "layers": "num_layers", "heads": "num_heads",
+               "mlp_dim": "mlp_dim", "vocab": "vocab_size"}
 
 
 def make_config(args) -> ml_collections.ConfigDict:
-    c = config_lib.base_config("tiny")
-    c.model.update(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
-                   mlp_dim=args.mlp_dim, vocab_size=args.vocab, max_seq_len=args.seq_len)
-    c.data.update(source="synthetic", seq_len=args.seq_len)
+    c = config_lib.base_config(args.preset or "tiny")
+    if not args.preset:
+        c.model.update(CPU_SHAPE)
+    c.model.update({key: getattr(args, flag) for flag, key in SHAPE_FLAGS.items()
+                    if getattr(args, flag) is not None})
+    c.model.update({key: getattr(args, key) for key in ("dtype", "attention", "remat")
+                    if getattr(args, key) is not None})
+    seq_len = args.seq_len or (c.data.seq_len if args.preset else 256)
+    c.model.max_seq_len = max(c.model.max_seq_len, seq_len)
+    c.data.update(source="synthetic", seq_len=seq_len)
     c.train.update(batch_size=args.batch, steps=1_000_000)
     config_lib.validate(c, jax.device_count())
     return c
@@ -61,12 +87,15 @@ def make_config(args) -> ml_collections.ConfigDict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--mlp-dim", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--preset", choices=sorted(config_lib.MODEL_PRESETS), default=None,
+                        help="a preset's model shape and settings (default: the CPU shape)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument("--attention", choices=attention.IMPLEMENTATIONS, default=None)
+    parser.add_argument("--remat", choices=sorted(REMAT_POLICIES), default=None)
+    for flag in SHAPE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="default: 256, or the preset's data.seq_len")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
     parser.add_argument("--steps", type=int, default=1, help="train steps timed per round")
@@ -76,10 +105,16 @@ def main() -> None:
 
     config = make_config(args)
     cfg = ModelConfig.from_config(config.model)
-    tokens_per_step = args.batch * args.seq_len
-    flops_per_step = 3 * matmul_flops_per_token(cfg, args.seq_len) * tokens_per_step
+    seq_len = config.data.seq_len
+    implementation = attention.resolve(cfg.attention, jax.default_backend(), cfg.dtype,
+                                       cfg.head_dim, seq_len)
+    device_kind = jax.devices()[0].device_kind
+    spec = peak_flops(device_kind, cfg.dtype)
+    tokens_per_step = args.batch * seq_len
+    flops_per_step = 3 * matmul_flops_per_token(cfg, seq_len) * tokens_per_step
     emit({"measure": "setup", "devices": jax.device_count(), "device": str(jax.devices()[0]),
-          "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
+          "device_kind": device_kind, "platform": jax.default_backend(),
+          "cpu_count": os.cpu_count(),
           "loadavg_1m": round(os.getloadavg()[0], 2), "jax": jax.__version__,
           "xla_flags": os.environ.get("XLA_FLAGS", "")})
 
@@ -97,9 +132,13 @@ def main() -> None:
         # The model and its compiled step.
         trainer = train.Trainer(config)
         state = trainer.new_state(trainer.init_params(config.seed))
-        device_batches = []
+        device_batches, documents_per_row = [], 0
         for _ in range(4):
             rows = next(batches)
+            documents_per_row = max(documents_per_row, int(
+                1 + (rows["segments"][:, 1:] != rows["segments"][:, :-1]).sum(1).max()))
+            if implementation == "cudnn":
+                attention.check_runs(rows["segments"], cfg.max_segments)
             device_batches.append(sharding.global_batch(
                 {"tokens": rows["tokens"], "segments": rows["segments"]}, trainer.mesh))
         start = time.perf_counter()
@@ -110,15 +149,16 @@ def main() -> None:
         jax.block_until_ready((state, metrics))
         emit({"measure": "model", "d_model": cfg.d_model, "layers": cfg.num_layers,
               "heads": cfg.num_heads, "mlp_dim": cfg.mlp_dim, "mlp": cfg.mlp,
-              "vocab": cfg.vocab_size, "seq_len": args.seq_len, "batch": args.batch,
-              "params": count_params(state.params),
-              "matmul_flops_per_token": matmul_flops_per_token(cfg, args.seq_len),
+              "vocab": cfg.vocab_size, "seq_len": seq_len, "batch": args.batch,
+              "dtype": cfg.dtype, "attention": implementation, "remat": cfg.remat,
+              "max_documents_per_row": documents_per_row, "params": count_params(state.params),
+              "matmul_flops_per_token": matmul_flops_per_token(cfg, seq_len),
               "model_flops_per_step": flops_per_step, "compile_s": round(compile_s, 2),
               "first_step_s": round(time.perf_counter() - start, 3),
               "loss": float(metrics["loss"])})
 
         # The peak: a square matmul and the model's own largest matmuls, compiled and warmed up.
-        peaks = [MatmulPeak(m, k, n, args.matmul_reps, trainer.mesh)
+        peaks = [MatmulPeak(m, k, n, args.matmul_reps, trainer.mesh, cfg.dtype)
                  for m, k, n in ((2048, 2048, 2048), (tokens_per_step, cfg.d_model, cfg.mlp_dim),
                                  (tokens_per_step, cfg.mlp_dim, cfg.d_model))]
 
@@ -167,12 +207,17 @@ def main() -> None:
     model_flops_per_s = statistics.median(train_rates)
     tokens_per_s = model_flops_per_s / flops_per_step * tokens_per_step
     pipeline_tokens_per_s = statistics.median(pipeline_rates)
-    emit({"summary": "train_throughput", "d_model": cfg.d_model, "layers": cfg.num_layers,
-          "seq_len": args.seq_len, "batch": args.batch, "devices": jax.device_count(),
+    emit({"summary": "train_throughput", "preset": args.preset, "d_model": cfg.d_model,
+          "layers": cfg.num_layers, "seq_len": seq_len, "batch": args.batch,
+          "dtype": cfg.dtype, "attention": implementation, "remat": cfg.remat,
+          "devices": jax.device_count(), "device_kind": device_kind,
+          "compile_s": round(compile_s, 2),
           "tokens_per_s": round(tokens_per_s, 1),
           "model_flops_per_s": round(model_flops_per_s),
           "matmul_peak_flops_per_s": round(peak), "matmul_peak_mkn": list(peak_shape),
           "mfu": round(model_flops_per_s / peak, 4),
+          "mfu_vs_spec": (None if spec is None
+                          else round(model_flops_per_s / (spec * jax.device_count()), 4)),
           "matmul_best_sample_flops_per_s": round(best),
           "mfu_vs_best_sample": round(model_flops_per_s / best, 4),
           "mfu_paired": round(statistics.median(paired), 4),

@@ -15,24 +15,32 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from ml_collections.config_flags import tuple_parser
 
+from jaxsel.model import attention
+from jaxsel.model.transformer import REMAT_POLICIES
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Runs every experiment on the embedded corpus on 2 CPU cores in minutes.
-    # matmul="row_major": XLA:CPU's fast weight gradients (`jaxsel.model.cpu_matmul`).
+    # XLA:CPU's fast paths: row-major weight gradients (`jaxsel.model.cpu_matmul`), unrolled layers.
     "tiny": dict(d_model=128, num_layers=2, num_heads=4, mlp_dim=512, vocab_size=2048,
-                 max_seq_len=256, matmul="row_major"),
+                 max_seq_len=256, matmul="row_major", scan_unroll=0),
     # Pythia-160M / 410M / 1B shapes (as in MATES); GELU MLP, untied embeddings like Pythia.
     # Mixed precision on accelerators: bfloat16 compute, float32 params and optimizer state;
-    # logits are cast to float32 before the softmax and the loss.
+    # logits are cast to float32 before the softmax and the loss. Blocks keep their matmul
+    # outputs for the backward pass and recompute the rest (the fastest on an H200).
     "small": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, vocab_size=50304,
-                  max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16"),
+                  max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16",
+                  remat="dots_saveable"),
     "410m": dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096, vocab_size=50304,
-                 max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16"),
+                 max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16",
+                 remat="dots_saveable"),
     "1b": dict(d_model=2048, num_layers=16, num_heads=8, mlp_dim=8192, vocab_size=50304,
-               max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16"),
+               max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16",
+               remat="dots_saveable"),
 }
 
 PRESET_SCALE: dict[str, dict[str, Any]] = {
@@ -63,6 +71,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),
 )
 
 
@@ -156,7 +165,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         d_model=128, num_layers=2, num_heads=4, mlp_dim=512, vocab_size=2048, max_seq_len=256,
         mlp="gated", tie_embeddings=True, rope_theta=10_000.0, param_dtype="float32",
-        dtype="float32", remat=False, matmul="xla"))
+        dtype="float32", remat="none", attention="auto", max_segments=16, scan_unroll=1,
+        matmul="xla"))
     c.model.update(MODEL_PRESETS[preset])
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all the rest.
@@ -284,6 +294,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     check((m.d_model // m.num_heads) % 2 == 0, "model.num_heads",
            "head dimension must be even for RoPE")
     check(m.mlp in ("gated", "gelu"), "model.mlp", f"{m.mlp!r} is not one of gated, gelu")
+    check(m.max_segments >= 1, "model.max_segments", f"must be >= 1, got {m.max_segments}")
+    check(m.scan_unroll >= 0, "model.scan_unroll", f"must be >= 0, got {m.scan_unroll}")
+    check(m.remat in REMAT_POLICIES, "model.remat",
+          f"{m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    try:
+        attention.resolve(m.attention, jax.default_backend(), m.dtype, m.d_model // m.num_heads,
+                          d.seq_len)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     check(m.matmul in ("xla", "row_major"), "model.matmul",
           f"{m.matmul!r} is not one of xla, row_major")
     for key in ("param_dtype", "dtype"):

@@ -25,6 +25,7 @@ import optax
 from absl import logging
 
 from jaxsel import checkpoint, figures, files, loss, report, run_log, sharding
+from jaxsel.model import attention
 from jaxsel.model.transformer import ModelConfig, Transformer
 
 
@@ -76,6 +77,22 @@ def train_step(state: TrainState, batch: loss.Batch, model: nn.Module,
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
+def has_bf16_matmuls(device) -> bool:
+    """TPUs and NVIDIA GPUs from Ampere (compute capability 8.0) on multiply bfloat16 natively."""
+    if device.platform == "gpu":
+        return float(getattr(device, "compute_capability", "0")) >= 8.0
+    return device.platform == "tpu"
+
+
+@functools.cache
+def warn_without_bf16_matmuls(device) -> None:
+    """Warns once per device kind that bfloat16 runs emulated (slower than float32) there."""
+    if not has_bf16_matmuls(device):
+        logging.warning("model.dtype=bfloat16 on %s (%s), which has no bfloat16 matmul units: "
+                        "its matmuls are emulated and slower than float32", device.platform,
+                        device.device_kind)
+
+
 class Trainer:
     """Everything a run needs that follows from its config: model, optimizer, mesh, shardings and
     the jitted step functions. Pure functions underneath; this only holds them together."""
@@ -83,7 +100,13 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, mesh=None):
         self.config = config
         self.mesh = sharding.make_mesh(config) if mesh is None else mesh
-        self.model = Transformer(ModelConfig.from_config(config.model))
+        model_config = ModelConfig.from_config(config.model)
+        self.model = Transformer(model_config, mesh=self.mesh)
+        self.attention = attention.resolve(model_config.attention, jax.default_backend(),
+                                           model_config.dtype, model_config.head_dim,
+                                           config.data.seq_len)
+        if model_config.dtype == "bfloat16":
+            warn_without_bf16_matmuls(jax.devices()[0])
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         self.rules = sharding.logical_rules(config)
         boxed_params = jax.eval_shape(self._init_boxed, jax.random.key(0))
@@ -165,7 +188,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
     clock_step = start
     end = t.stop_at or t.steps
     for step in range(start + 1, end + 1):
-        batch = sharding.global_batch(next(batches), trainer.mesh)
+        host_batch = next(batches)
+        if trainer.attention == "cudnn":
+            attention.check_runs(host_batch["segments"], config.model.max_segments)
+        batch = sharding.global_batch(host_batch, trainer.mesh)
         profile.before(step)
         state, metrics = trainer.train_step(state, {"tokens": batch["tokens"],
                                                     "segments": batch["segments"]})

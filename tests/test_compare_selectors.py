@@ -11,6 +11,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 
 from experiments import compare_selectors as cmp
 from experiments.configs import compare_selectors as cmp_config
@@ -277,8 +278,15 @@ def test_target_aware_selectors_enrich_the_target_domain(tiny_run):
     for name in ("nearest", "first_order", "mates", "dsir"):
         share = _share(pool, _selection(tiny_run, name).ids, "prose")
         assert share > base + 0.2, (name, share, base)
-    # LESS' direction is mostly the seed's momentum, shared by every candidate: less sharp.
-    assert _share(pool, _selection(tiny_run, "less").ids, "prose") > base + 0.1
+    # LESS' direction is mostly the seed's momentum, shared by every candidate: less sharp. Its
+    # scores still rank the target domain first: the rank-sum AUC over every candidate (random
+    # scores give 0.5 +- 0.04 here), and its pick is enriched.
+    less = np.load(tiny_run["workdir"] / "arms/less/scores.npz")["scores"]
+    prose = np.asarray([pool.domain_names[pool.domains[i]] == "prose" for i in candidates])
+    auc = scipy.stats.mannwhitneyu(less[prose], less[~prose]).statistic / (
+        prose.sum() * (~prose).sum())
+    assert auc > 0.6, auc
+    assert _share(pool, _selection(tiny_run, "less").ids, "prose") > base + 0.05
     assert abs(_share(pool, _selection(tiny_run, "random").ids, "prose") - base) < 0.15
 
 

@@ -1,5 +1,6 @@
 """The transformer: causality, document isolation inside packed rows, positions, FLOP count."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,8 +87,9 @@ def test_flops_per_token_counts_every_matmul():
                       max_seq_len=64, tie_embeddings=True)
     params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
                                    jnp.ones((1, 4), jnp.int32))
+    # The blocks' matrices, stacked on a leading layers axis (their norm scales are [layers, d]).
     block_weights = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-                        if "block" in jax.tree_util.keystr(path) and x.ndim >= 2)
+                        if "blocks" in jax.tree_util.keystr(path) and x.ndim >= 3)
     expected = 2 * block_weights + 3 * 2 * 2 * 64 * 16 + 2 * 16 * 100
     assert matmul_flops_per_token(cfg, 64) == expected
 
@@ -115,3 +117,42 @@ def test_row_major_matmul_equals_xla_and_only_xla_needs_no_custom_vjp(tie):
     tangent = jax.tree.map(jnp.ones_like, params)
     _, dloss = jax.jvp(lambda p: loss(models["xla"], p), (params,), (tangent,))
     assert np.isfinite(float(dloss))
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+    """`model.remat` changes what the backward pass recomputes, never the numbers."""
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 9 + [2] * 7, [1] * 16], jnp.int32)
+    models = {r: Transformer(ModelConfig(**{**CFG.__dict__, "remat": r}))
+              for r in ("none", "full", "dots_saveable")}
+    params = models["none"].init(jax.random.key(2), tokens, segments)
+
+    def loss(model, p):
+        return jnp.mean(jax.nn.log_softmax(model.apply(p, tokens, segments))[..., 0])
+
+    results = {r: jax.value_and_grad(loss, argnums=1)(m, params) for r, m in models.items()}
+    for r in ("full", "dots_saveable"):
+        assert "remat" in str(jax.make_jaxpr(lambda p, m=models[r]: loss(m, p))(params))
+        np.testing.assert_allclose(results[r][0], results["none"][0], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     results[r][1], results["none"][1])
+
+
+def test_layer_scan_compiles_one_block_whatever_the_depth():
+    """Under the scan the compiled program holds one block's matmuls for 2 or 8 layers; unrolled
+    (`scan_unroll=0`) it holds one per layer. Params carry a leading `layers` axis."""
+    tokens = jnp.zeros((1, 16), jnp.int32)
+
+    def dots(layers, unroll):
+        cfg = ModelConfig(**{**CFG.__dict__, "num_layers": layers, "scan_unroll": unroll})
+        model = Transformer(cfg)
+        params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens,
+                                         jnp.ones_like(tokens)))
+        kernel = params["params"]["blocks"]["mlp"]["up"]["kernel"]
+        assert kernel.shape[0] == layers
+        compiled = jax.jit(model.apply).lower(params, tokens, jnp.ones_like(tokens)).compile()
+        return compiled.as_text().count(" dot(")
+
+    assert dots(2, 1) == dots(8, 1)
+    assert dots(8, 0) > dots(2, 0) > dots(2, 1)

@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from experiments.configs import pretrain as pretrain_config
 from jaxsel import checkpoint, report, select, train
@@ -106,12 +107,13 @@ def test_init_from_starts_from_another_runs_params(tmp_path):
                for p, x in jax.tree_util.tree_leaves_with_path(fresh))
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, dtype):
     cache, workdir = tmp_path / "cache", tmp_path / "run"
     proc = subprocess.run(
         _command(workdir, cache, "--config.train.steps=40", "--config.train.checkpoint_every=1",
                  "--config.optim.lr=1e30", "--config.optim.clip=0.0",
-                 "--config.optim.warmup_steps=5"),
+                 "--config.optim.warmup_steps=5", f"--config.model.dtype={dtype}"),
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "non-finite loss at step" in proc.stderr

@@ -2,8 +2,10 @@
 
 Pre-norm (RMSNorm) blocks with RoPE attention and a gated (SwiGLU) or GELU MLP. Sequences are
 packed: `segments_BxL` numbers the documents in a row (0 = padding), positions restart at every
-document and attention never crosses a document boundary. Every parameter carries logical axis names
-(`vocab`, `embed`, `heads`, `kv`, `mlp`) that `jaxsel.sharding` maps onto the mesh.
+document and attention never crosses a document boundary (`jaxsel.model.attention` holds the
+kernels). The blocks run under `nn.scan`: their params are stacked on a leading `layers` axis and
+compile time does not grow with depth. Every parameter carries logical axis names (`layers`,
+`vocab`, `embed`, `heads`, `kv`, `mlp`) that `jaxsel.sharding` maps onto the mesh.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxsel.model import cpu_matmul
+from jaxsel.model import attention, cpu_matmul
 
 Array = jax.Array
-_MASKED = -1e30  # Score of a masked pair (float32); exp(_MASKED - max) == 0.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,12 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # none | full | dots_saveable: what a block keeps for the backward pass
+    attention: str = "auto"  # auto | xla | cudnn | splash (`jaxsel.model.attention`)
+    max_segments: int = 16  # cudnn: the most documents in a row (padding counted as one)
+    # Blocks per iteration of the layer scan; 0 unrolls them all (same params, compile time grows
+    # with depth: XLA:CPU runs a looped block about 13% slower).
+    scan_unroll: int = 1
     matmul: str = "xla"  # xla | row_major (XLA:CPU's fast weight gradients: `cpu_matmul`)
 
     @classmethod
@@ -60,14 +68,6 @@ def positions_from_segments(segments_BxL: Array) -> Array:
     return index - jax.lax.cummax(starts, axis=1)
 
 
-def attention_mask(segments_BxL: Array) -> Array:
-    """[B, 1, L, L] boolean: causal and within one segment."""
-    length = segments_BxL.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    same = segments_BxL[:, :, None] == segments_BxL[:, None, :]
-    return (causal & same)[:, None]
-
-
 def _dot_general(cfg: ModelConfig):
     """The projections' contraction: `cpu_matmul`'s under `matmul="row_major"`, else flax's."""
     return cpu_matmul.dot_general if cfg.matmul == "row_major" else jax.lax.dot_general
@@ -83,31 +83,13 @@ def apply_rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
     return out.astype(x_BxLxNxH.dtype)
 
 
-def dot_product_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array,
-                          mask_Bx1xLxL: Array) -> Array:
-    """Softmax attention (scores in float32), as `jax.nn.dot_product_attention` computes it, with
-    two changes that save passes over the [B, N, L, L] scores: the 1/sqrt(H) scale is applied to
-    the queries, and the softmax's normalisation divides the [L, H] output instead of the [L, L]
-    probabilities. Heads are moved ahead of the length axis once, for the two batched matmuls."""
-    q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (jnp.swapaxes(x, 1, 2)
-                                       for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
-    scale = q_BxLxNxH.shape[-1] ** -0.5
-    logits_BxNxLxL = jnp.einsum("bnth,bnsh->bnts", q_BxNxLxH * scale, k_BxNxLxH,
-                                preferred_element_type=jnp.float32)
-    logits_BxNxLxL = jnp.where(mask_Bx1xLxL, logits_BxNxLxL, _MASKED)
-    # Every row keeps its diagonal (causal, same segment), so no row is fully masked.
-    max_BxNxLx1 = jax.lax.stop_gradient(logits_BxNxLxL.max(-1, keepdims=True))
-    weights_BxNxLxL = jnp.exp(logits_BxNxLxL - max_BxNxLx1)
-    out_BxNxLxH = jnp.einsum("bnts,bnsh->bnth", weights_BxNxLxL.astype(v_BxNxLxH.dtype),
-                             v_BxNxLxH) / weights_BxNxLxL.sum(-1, keepdims=True)
-    return jnp.swapaxes(out_BxNxLxH, 1, 2).astype(q_BxLxNxH.dtype)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
+    implementation: str  # xla | cudnn | splash, resolved for the backend
+    mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    def __call__(self, x_BxLxD, positions_BxL, context):
         cfg = self.cfg
         dense = lambda name, feats, axis, names: nn.DenseGeneral(  # noqa: E731
             feats, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -118,7 +100,7 @@ class Attention(nn.Module):
         v = dense("value", qkv_shape, -1, ("embed", "heads", "kv"))(x_BxLxD)
         q = apply_rope(q, positions_BxL, cfg.rope_theta)
         k = apply_rope(k, positions_BxL, cfg.rope_theta)
-        out_BxLxNxH = dot_product_attention(q, k, v, mask_Bx1xLxL)
+        out_BxLxNxH = attention.attend(self.implementation, q, k, v, context, self.mesh)
         return dense("out", cfg.d_model, (-2, -1), ("heads", "kv", "embed"))(out_BxLxNxH)
 
 
@@ -140,16 +122,20 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm block, in `nn.scan`'s form: (x, positions, context) -> (x, None)."""
+
     cfg: ModelConfig
+    implementation: str
+    mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    def __call__(self, x_BxLxD, positions_BxL, context):
         norm = lambda name: nn.RMSNorm(  # noqa: E731
             dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype, name=name,
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))
-        x_BxLxD = x_BxLxD + Attention(self.cfg, name="attention")(
-            norm("attention_norm")(x_BxLxD), positions_BxL, mask_Bx1xLxL)
-        return x_BxLxD + Mlp(self.cfg, name="mlp")(norm("mlp_norm")(x_BxLxD))
+        x_BxLxD = x_BxLxD + Attention(self.cfg, self.implementation, self.mesh, name="attention")(
+            norm("attention_norm")(x_BxLxD), positions_BxL, context)
+        return x_BxLxD + Mlp(self.cfg, name="mlp")(norm("mlp_norm")(x_BxLxD)), None
 
 
 class Transformer(nn.Module):
@@ -161,6 +147,7 @@ class Transformer(nn.Module):
     """
 
     cfg: ModelConfig
+    mesh: jax.sharding.Mesh | None = None  # Splash attention splits its kernel over this mesh.
 
     @nn.compact
     def __call__(self, tokens_BxL, segments_BxL, return_hidden: bool = False,
@@ -171,10 +158,19 @@ class Transformer(nn.Module):
                          name="embed")
         x_BxLxD = embed(tokens_BxL)
         positions_BxL = positions_from_segments(segments_BxL)
-        mask = attention_mask(segments_BxL)
-        block = nn.remat(Block) if cfg.remat else Block
-        for i in range(cfg.num_layers):
-            x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_BxL, mask)
+        implementation = attention.resolve(cfg.attention, jax.default_backend(), cfg.dtype,
+                                           cfg.head_dim, tokens_BxL.shape[-1])
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        # One compiled block for every layer: params stacked on a leading `layers` axis.
+        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                         unroll=cfg.scan_unroll or cfg.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        context = attention.context(implementation, segments_BxL, cfg.max_segments)
+        x_BxLxD, _ = blocks(cfg, implementation, self.mesh, name="blocks")(
+            x_BxLxD, positions_BxL, context)
         if logit_positions_BxK is not None:  # From here on, L stands for those K positions.
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logit_positions_BxK[..., None], axis=1)
         hidden_BxLxD = nn.RMSNorm(
