@@ -132,7 +132,8 @@ class Experiment:
         self._state = self._seed = None
         self.candidates = selectors.Candidates(
             workdir, config.compare, self.data.train_pool, self.ids["candidates"], self.trainer,
-            self.state, self.data.items["target"], config.seed, jax.process_index() == 0)
+            self.state, lambda: self.seed()["dir"], self.data.items["target"], config.seed,
+            jax.process_index() == 0)
 
     def state(self) -> train.TrainState:
         """The seed model's train state (params, optimizer, step)."""

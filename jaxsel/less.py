@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from optax import tree_utils
 
-from jaxsel import probe, sharding
+from jaxsel import probe, sharding, stream
 
 ZERO_GRADIENT_SCORE = -2.0  # Below every cosine similarity.
 
@@ -74,25 +74,33 @@ def max_cosine(candidates_NxK, targets_RxK, zero_N=None) -> tuple[np.ndarray, in
     candidates are zero (a zero feature, or `zero_N`: a zero gradient) and score
     `ZERO_GRADIENT_SCORE`. A ValueError when every target row is zero: there is no direction to
     align with."""
-    c_NxK = np.asarray(candidates_NxK, np.float64)
     t_RxK = np.asarray(targets_RxK, np.float64)
     t_norms = np.linalg.norm(t_RxK, axis=1)
     if not (t_norms > 0).any():
         raise ValueError("less: every target item's gradient is zero, so there is no direction "
                          "to align the candidates with (do the target items hold answer tokens?)")
     t_RxK = t_RxK[t_norms > 0] / t_norms[t_norms > 0, None]
-    c_norms = np.linalg.norm(c_NxK, axis=1)
-    zero = (c_norms == 0) if zero_N is None else (c_norms == 0) | np.asarray(zero_N, bool)
-    scores = np.full(len(c_NxK), ZERO_GRADIENT_SCORE)
-    scores[~zero] = (c_NxK[~zero] / c_norms[~zero, None] @ t_RxK.T).max(axis=1)
-    return scores, int(zero.sum())
+    scores = np.full(len(candidates_NxK), ZERO_GRADIENT_SCORE)
+    zeros = 0
+    chunk = max(1, (1 << 24) // t_RxK.shape[1])  # Features (memory-mapped) read 128 MB at a time.
+    for start in range(0, len(candidates_NxK), chunk):
+        rows = slice(start, start + chunk)
+        c_NxK = np.asarray(candidates_NxK[rows], np.float64)
+        c_norms = np.linalg.norm(c_NxK, axis=1)
+        zero = c_norms == 0
+        if zero_N is not None:
+            zero |= np.asarray(zero_N[rows], bool)
+        scores[rows][~zero] = (c_NxK[~zero] / c_norms[~zero, None] @ t_RxK.T).max(axis=1)
+        zeros += int(zero.sum())
+    return scores, zeros
 
 
 def scores(prober: probe.Prober, state, candidates, reference: probe.Reference,
-           projection: probe.GradProjection, progress: bool = True) -> tuple[np.ndarray, int]:
+           projection: probe.GradProjection, progress: bool = True,
+           to: stream.Target | None = None) -> tuple[np.ndarray, int]:
     """LESS's score of each candidate (`{"tokens", "segments"}` rows) from train state `state`
-    towards the target items `reference`: `max_cosine` of their features, with the count of
-    zero-gradient candidates."""
+    towards the target items `reference`: `max_cosine` of their features (in memory, or
+    streamed `to` a target), with the count of zero-gradient candidates."""
     trainer = prober.trainer
     optim = trainer.config.optim
     rows = {"tokens": sharding.batch_sharding(trainer.mesh),
@@ -102,8 +110,10 @@ def scores(prober: probe.Prober, state, candidates, reference: probe.Reference,
         functools.partial(chunk_adam_features, projection=projection, model=trainer.model,
                           b1=optim.b1, b2=optim.b2, eps=optim.eps),
         in_shardings=(trainer.state_shardings, rows), out_shardings=replicated)
-    features_NxK, grad_norms_N = prober.map(lambda chunk: candidate_fn(state, chunk),
-                                            candidates, "LESS features", progress)
+    out = prober.map(lambda chunk: dict(zip(("features", "grad_norms"),
+                                            candidate_fn(state, chunk), strict=True)),
+                     candidates, "LESS features", progress, to)
+    features_NxK, grad_norms_N = out["features"], out["grad_norms"]
     target_fn = jax.jit(functools.partial(item_features, projection=projection,
                                           model=trainer.model),
                         in_shardings=(trainer.param_shardings, replicated),

@@ -3,11 +3,14 @@ candidate, each artifact computed once into a folder (a killed run resumes where
 
 1. `oracle.npz`: the exact one-step oracle influence (`probe.Prober.oracle_influence`) of
    `probe_size` seeded candidates on the target items, from the state;
-2. `influence_model.json`: the data influence model (`influence_model.fit`: the encoder with a
-   regression head, reading up to `encoder_windows` windows of `encoder_max_length` tokens,
-   fine-tuned on the probed candidates' z-scored influence, best validation Spearman kept);
-3. `predictions.npz`: its prediction for every candidate (`influence`, in the oracle's units),
-   and `scores`: the predictions standardised by their own mean and spread (see below).
+2. `influence_model.json` and `.msgpack`: the data influence model (`influence_model.fit`: the
+   encoder with a regression head, reading up to `encoder_windows` windows of
+   `encoder_max_length` tokens, fine-tuned on the probed candidates' z-scored influence, best
+   validation Spearman kept), its record and its parameters;
+3. its prediction for every candidate (in the oracle's units), streamed to
+   `rows/predictions-<key>` (`jaxsel.stream`: resumable chunk by chunk, keyed by the candidates
+   and the fitted parameters), and `predictions.npz`: `scores`, the predictions standardised by
+   their own mean and spread (see below).
 
 `select.gumbel_top_k(scores, k, seed, temperature)` then picks the stage's data; lower is better.
 
@@ -26,14 +29,16 @@ reference code, which changes nothing when the model predicts on the label scale
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from flax import serialization
 
-from jaxsel import influence_model, probe, report
+from jaxsel import files, influence_model, probe, report, select, stream
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model.transformer import matmul_flops_per_token
 
@@ -70,36 +75,61 @@ def predicted_influence(folder: str, section: ml_collections.ConfigDict, prober:
         epochs=section.fit_epochs, batch_size=section.fit_batch_size,
         val_fraction=section.fit_val_fraction, seed=fit_seed)
 
-    def predictions():
+    fitted_params = []  # The parameters, when this process fits them.
+
+    def fitted() -> dict:
         start = time.perf_counter()
         fit = influence_model.fit(encoder, tokens["ids"][rows], tokens["lengths"][rows],
                                   probed["influence"], fit_config, mesh=mesh)
-        fit_seconds = time.perf_counter() - start
-        if jax.process_index() == 0:
-            report.write_json(os.path.join(folder, "influence_model.json"), {
-                "history": fit.history, "best_epoch": fit.best_epoch,
+        fitted_params.append(serialization.msgpack_serialize(jax.device_get(fit.params)))
+        if jax.process_index() == 0:  # Before the record, which marks the fit as done.
+            with files.atomic_path(params_path) as tmp, open(tmp, "wb") as f:
+                f.write(fitted_params[0])
+        return {"history": fit.history, "best_epoch": fit.best_epoch,
                 "label_mean": fit.label_mean, "label_std": fit.label_std,
-                "seconds": fit_seconds})
+                "val_spearman": fit.history[fit.best_epoch]["val_spearman"],
+                "seconds": time.perf_counter() - start}
+
+    params_path = os.path.join(folder, "influence_model.msgpack")
+    fit = report.cached_json(os.path.join(folder, "influence_model.json"), fitted)
+    if fitted_params:
+        params_bytes = fitted_params[0]
+    else:
+        with open(params_path, "rb") as f:
+            params_bytes = f.read()
+
+    def predictions():
         start = time.perf_counter()
-        predicted = influence_model.predict(encoder, fit.params, fit.label_mean, fit.label_std,
-                                            tokens["ids"], tokens["lengths"],
-                                            section.predict_batch_size, mesh=mesh)
-        spread = predicted.std()
-        return {"influence": predicted,
-                "scores": (predicted - predicted.mean()) / (spread if spread > 0 else 1.0),
-                "val_spearman": np.float64(fit.history[fit.best_epoch]["val_spearman"]),
-                "fit_seconds": np.float64(fit_seconds),
+        predicted = influence_model.predict(
+            encoder, serialization.msgpack_restore(params_bytes), fit["label_mean"],
+            fit["label_std"], tokens["ids"], tokens["lengths"], section.predict_batch_size,
+            mesh=mesh, to=stream.Target(os.path.join(folder, "rows"), "predictions", {
+                "ids": stream.ids_key(candidates_N),
+                "model": hashlib.sha256(params_bytes).hexdigest()[:16]}))
+        mean, spread = _mean_std(predicted)
+        return {"scores": ((predicted - mean) / (spread if spread > 0 else 1.0)).astype(
+                    np.float32),
                 "seconds": np.float64(time.perf_counter() - start)}
 
     predicted = report.cached_npz(os.path.join(folder, "predictions.npz"), predictions)
     return predicted["scores"], {
         "probed_ids": probed["ids"], "oracle": probed["influence"],
         "probe_size": int(section.probe_size),
-        "val_spearman": float(predicted["val_spearman"]),
+        "val_spearman": float(fit["val_spearman"]),
         "oracle_mean": float(probed["influence"].mean()),
         "oracle_std": float(probed["influence"].std()),
-        "seconds": {"probe": float(probed["seconds"]), "fit": float(predicted["fit_seconds"]),
+        "seconds": {"probe": float(probed["seconds"]), "fit": float(fit["seconds"]),
                     "score": float(predicted["seconds"])}}
+
+
+def _mean_std(values_N) -> tuple[float, float]:
+    """Mean and standard deviation (ddof 0) of a (memory-mapped) vector, read in chunks."""
+    total, squares, n = 0.0, 0.0, len(values_N)
+    for start in range(0, n, select.CHUNK_ROWS):
+        chunk = np.asarray(values_N[start:start + select.CHUNK_ROWS], np.float64)
+        total, squares = total + chunk.sum(), squares + (chunk ** 2).sum()
+    mean = total / n
+    return mean, float(np.sqrt(max(squares / n - mean ** 2, 0.0)))
 
 
 def overhead(model_cfg, encoder_cfg: encoder_lib.EncoderConfig, *, seq_len: int,

@@ -5,8 +5,11 @@ folder and reused (a killed run resumes where it was).
 `Candidates` holds what the selectors share: the candidates' pool ids, the seed model's train
 state, the target items (the `target` role only: no selector reads `target_eval` or `eval`
 rows), the encoder, and the cached artifacts (per-sequence losses, first-order influence,
-encoder inputs and embeddings, near-duplicates, clusters, MATES' predictions). `pick(candidates,
-name, k, seed)` returns the selector's `select.Selection` of pool ids.
+encoder inputs and embeddings, near-duplicates, clusters, MATES' predictions). The per-candidate
+computations (losses, first-order influence, encoder embeddings, LESS features) stream to disk
+(`jaxsel.stream`) under `rows/<name>-<key>`, keyed by the pool, the candidates, the seed model,
+the target items and the settings: resumable chunk by chunk, memory-mapped when read.
+`pick(candidates, name, k, seed)` returns the selector's `select.Selection` of pool ids.
 
 - `random`: uniform without replacement;
 - `low_loss`: the lowest mean token loss under the seed model (perplexity filtering);
@@ -30,12 +33,26 @@ name, k, seed)` returns the selector's `select.Selection` of pool ids.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
-from jaxsel import cluster, dsir, embed, group_mates, less, mates, minhash, probe, report, select
+from jaxsel import (
+    cluster,
+    dsir,
+    embed,
+    group_mates,
+    less,
+    mates,
+    minhash,
+    probe,
+    report,
+    select,
+    stream,
+)
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -54,15 +71,17 @@ class Candidates:
 
     `section` holds the selectors' settings (`eval_batch_size`, `dedup_threshold`, `clusters`,
     `encoder`, `encoder_max_length`, `encoder_windows`, `probe_size`, `probe_chunk`, `fit_*`,
-    `predict_batch_size`); `state_fn()` gives the seed model's train state; `reference` is the
-    target items (`runs.Data.items["target"]`).
+    `predict_batch_size`); `state_fn()` gives the seed model's train state and `model_fn()` its
+    identity (its folder in the model pool); `reference` is the target items
+    (`runs.Data.items["target"]`).
     """
 
     def __init__(self, folder: str, section: ml_collections.ConfigDict, pool, ids: np.ndarray,
-                 trainer, state_fn, reference: probe.Reference, seed: int,
+                 trainer, state_fn, model_fn, reference: probe.Reference, seed: int,
                  progress: bool = True):
         self.folder, self.section, self.pool, self.ids = folder, section, pool, ids
-        self.trainer, self.state_fn, self.reference = trainer, state_fn, reference
+        self.trainer, self.state_fn, self.model_fn = trainer, state_fn, model_fn
+        self.reference = reference
         self.seed, self.progress = seed, progress
         self.prober = probe.Prober(trainer, chunk_size=section.probe_chunk,
                                    reference_batch_size=section.eval_batch_size)
@@ -70,24 +89,33 @@ class Candidates:
     def path(self, *parts: str) -> str:
         return os.path.join(self.folder, *parts)
 
+    def target(self, name: str, **settings) -> stream.Target:
+        """Where the per-candidate computation `name` streams to: `rows/<name>-<key>`, keyed by
+        the pool, the candidates, the seed model, the target items and `settings`."""
+        reference = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in
+                                            jax.tree.leaves(self.reference))).hexdigest()[:16]
+        return stream.Target(self.path("rows"), name, {
+            "pool": f"{self.pool.path.parent.name}/{self.pool.path.name}",
+            "ids": stream.ids_key(self.ids), "model": os.path.basename(self.model_fn()),
+            "reference": reference, **settings})
+
     @functools.cached_property
     def encoder(self) -> encoder_lib.Encoder:
         return encoder_lib.load_encoder(self.section.encoder or None,
                                         self.section.encoder_max_length)
 
     def losses(self) -> np.ndarray:
-        """Each candidate's mean token loss under the seed model."""
-        return report.cached_npz(self.path("arms", "low_loss", "losses.npz"), lambda: {
-            "ids": self.ids, "losses": probe.pool_losses(
-                self.trainer, self.state_fn().params, self.pool, self.section.eval_batch_size,
-                self.ids, self.progress)})["losses"]
+        """Each candidate's mean token loss under the seed model (streamed)."""
+        return probe.pool_losses(self.trainer, self.state_fn().params, self.pool,
+                                 self.section.eval_batch_size, self.ids, self.progress,
+                                 self.target("losses"))
 
     def first_order(self) -> np.ndarray:
-        """Each candidate's first-order influence on the target items from the seed state."""
-        return report.cached_npz(self.path("arms", "first_order", "influence.npz"), lambda: {
-            "ids": self.ids, "influence": self.prober.first_order_influence(
-                self.state_fn(), self.pool.rows(self.ids), self.reference,
-                self.progress)})["influence"]
+        """Each candidate's first-order influence on the target items from the seed state
+        (streamed)."""
+        return self.prober.first_order_influence(
+            self.state_fn(), self.pool.rows(self.ids), self.reference, self.progress,
+            self.target("first_order", probe_chunk=self.section.probe_chunk))
 
     def dsir_weights(self) -> np.ndarray:
         """Each candidate's DSIR importance log-weight towards the target items."""
@@ -104,7 +132,9 @@ class Candidates:
             projection = probe.GradProjection(self.section.less_dims, normalize=True,
                                               seed=config_lib.stream_seed(self.seed, _LESS))
             scores, zero = less.scores(self.prober, self.state_fn(), self.pool.rows(self.ids),
-                                       self.reference, projection, self.progress)
+                                       self.reference, projection, self.progress,
+                                       self.target("less_features", dims=self.section.less_dims,
+                                                   seed=self.seed))
             return {"ids": self.ids, "scores": scores, "zero_gradients": np.int64(zero)}
 
         return report.cached_npz(self.path("arms", "less", "scores.npz"), compute)
@@ -135,22 +165,25 @@ class Candidates:
         return {"ids": ids, "lengths": lengths}
 
     def embeddings(self) -> dict[str, np.ndarray]:
-        """Encoder embeddings (one window) of the candidates (`candidates`, aligned with `ids`)
-        and of the target items' rows (`target`)."""
-        def compute():
-            window, batch = self.section.encoder_max_length, self.section.eval_batch_size
-            inputs = self.encoder_inputs()
-            lengths = np.minimum(inputs["lengths"], window)
-            target = self._encoder_inputs({"tokens": np.asarray(self.reference.tokens_RxL),
+        """Encoder embeddings (one window) of the candidates (`candidates`, aligned with `ids`,
+        streamed) and of the target items' rows (`target`)."""
+        window, batch = self.section.encoder_max_length, self.section.eval_batch_size
+
+        def target():
+            inputs = self._encoder_inputs({"tokens": np.asarray(self.reference.tokens_RxL),
                                            "segments": np.asarray(self.reference.segments_RxL)},
                                           window)
-            return {"ids": self.ids,
-                    "candidates": embed.encoder_embed(self.encoder, inputs["ids"][:, :window],
-                                                      lengths, batch, progress=self.progress),
-                    "target": embed.encoder_embed(self.encoder, target["ids"], target["lengths"],
+            return {"target": embed.encoder_embed(self.encoder, inputs["ids"], inputs["lengths"],
                                                   batch, progress=False)}
 
-        return report.cached_npz(self.path("candidates", "embeddings.npz"), compute)
+        inputs = self.encoder_inputs()
+        candidates = embed.encoder_embed(
+            self.encoder, inputs["ids"][:, :window], np.minimum(inputs["lengths"], window),
+            batch, progress=self.progress,
+            to=self.target("embeddings", encoder=self.section.encoder, window=window))
+        return {"ids": self.ids, "candidates": candidates,
+                "target": report.cached_npz(self.path("candidates", "target_embeddings.npz"),
+                                            target)["target"]}
 
     def kept(self) -> np.ndarray:
         """The candidate positions `select.dedup` keeps at `dedup_threshold`."""

@@ -15,7 +15,18 @@ import scipy.stats
 
 from experiments import compare_selectors as cmp
 from experiments.configs import compare_selectors as cmp_config
-from jaxsel import checkpoint, embed, group_mates, probe, report, runs, select, selectors, train
+from jaxsel import (
+    checkpoint,
+    embed,
+    group_mates,
+    probe,
+    report,
+    runs,
+    select,
+    selectors,
+    stream,
+    train,
+)
 from jaxsel import config as config_lib
 from tests import experiment_runs as runs_lib
 
@@ -56,6 +67,15 @@ def tiny_run(tmp_path_factory):
 
 def _selection(tiny_run, name):
     return select.Selection.load(tiny_run["workdir"] / "arms" / name / "selection.json")
+
+
+def _streamed(workdir, name: str, candidates) -> np.ndarray:
+    """The per-candidate array streamed under `rows/<name>-<key>`, checked to be keyed by the
+    candidates."""
+    (folder,) = (workdir / "rows").glob(f"{name}-*")
+    assert report.read_json(folder / "manifest.json")["inputs"]["ids"] == stream.ids_key(
+        candidates)
+    return np.load(folder / "result.npy")
 
 
 def _unit(x):
@@ -169,19 +189,19 @@ def test_every_selection_is_k_candidates(tiny_run):
 
 def test_low_loss_and_first_order_are_the_k_lowest_saved_scores(tiny_run):
     workdir, candidates = tiny_run["workdir"], tiny_run["ids"]["candidates"]
-    for name, file, key in (("low_loss", "losses.npz", "losses"),
-                            ("first_order", "influence.npz", "influence")):
-        saved = np.load(workdir / "arms" / name / file)
-        assert np.array_equal(saved["ids"], candidates)
-        scores = saved[key]
+    sums = _streamed(workdir, "losses", candidates)  # Each candidate's loss sum and tokens.
+    for name, scores in (("low_loss", sums[:, 0] / sums[:, 1]),
+                         ("first_order", _streamed(workdir, "first_order", candidates))):
         assert scores.shape == candidates.shape and np.isfinite(scores).all()
         expected = candidates[np.argsort(scores, kind="stable")[:K]]
         assert set(_selection(tiny_run, name).ids) == set(expected), name
 
 
 def test_nearest_matches_a_brute_force_cosine_ranking(tiny_run):
-    saved = np.load(tiny_run["workdir"] / "candidates/embeddings.npz")
-    sims = (_unit(saved["candidates"]) @ _unit(saved["target"]).T).max(axis=1)
+    workdir = tiny_run["workdir"]
+    emb = _streamed(workdir, "embeddings", tiny_run["ids"]["candidates"])
+    target = np.load(workdir / "candidates/target_embeddings.npz")["target"]
+    sims = (_unit(emb) @ _unit(target).T).max(axis=1)
     expected = tiny_run["ids"]["candidates"][np.argsort(-sims, kind="stable")[:K]]
     assert set(_selection(tiny_run, "nearest").ids) == set(expected)
 
@@ -200,7 +220,7 @@ def test_cluster_stratified_is_water_filled_over_the_clusters(tiny_run):
 
 def test_semdedup_keeps_no_near_duplicate_pair(tiny_run):
     workdir, candidates = tiny_run["workdir"], tiny_run["ids"]["candidates"]
-    emb = np.load(workdir / "candidates/embeddings.npz")["candidates"]
+    emb = _streamed(workdir, "embeddings", candidates)
     kept = np.load(workdir / "arms/semdedup/kept.npz")["kept"]
     selection = _selection(tiny_run, "semdedup")
     rows = np.searchsorted(candidates, selection.ids)
@@ -223,7 +243,7 @@ def test_group_mates_is_the_greedy_of_its_saved_model(tiny_run):
     model = report.read_json(folder / "relational_model.json")
     p = model["params"]
     scores = np.load(workdir / "arms/mates/predictions.npz")["scores"]
-    unit = embed.l2_normalize(np.load(workdir / "candidates/embeddings.npz")["candidates"])
+    unit = embed.l2_normalize(_streamed(workdir, "embeddings", candidates))
     positions, _ = group_mates.select(p["scale"] * scores + p["shift"], unit,
                                       np.load(folder / "clusters.npz")["clusters"], K,
                                       p["alpha"], p["beta"], c.group_budget)
@@ -242,10 +262,10 @@ def test_mates_probes_candidates_and_favours_low_predictions(tiny_run):
     oracle = np.load(workdir / "arms/mates/oracle.npz")
     assert len(oracle["ids"]) == 64 and np.isin(oracle["ids"], candidates).all()
     assert np.isfinite(oracle["influence"]).all() and oracle["influence"].std() > 0
-    predicted = np.load(workdir / "arms/mates/predictions.npz")
-    scores = predicted["scores"]
-    np.testing.assert_allclose(scores, (predicted["influence"] - predicted["influence"].mean())
-                               / predicted["influence"].std(), rtol=1e-5, atol=1e-6)
+    scores = np.load(workdir / "arms/mates/predictions.npz")["scores"]
+    predicted = _streamed(workdir / "arms/mates", "predictions", candidates)
+    np.testing.assert_allclose(scores, (predicted - predicted.mean()) / predicted.std(),
+                               rtol=1e-5, atol=1e-6)
     selection = _selection(tiny_run, "mates")
     assert selection.method == "gumbel_top_k" and selection.params["temperature"] == 0.5
     chosen = np.isin(candidates, selection.ids)
@@ -371,7 +391,7 @@ def test_rerun_recomputes_only_a_deleted_arm(tiny_run):
     other arms and the seed are read back."""
     workdir, first = tiny_run["workdir"], tiny_run["result"]
     kept = [os.path.join(first["folders"]["seed"], "model.json"),
-            workdir / "candidates/embeddings.npz", workdir / "candidates/encoder_inputs.npz"]
+            *(workdir / "rows").glob("*/result.npy"), workdir / "candidates/encoder_inputs.npz"]
     for name in selectors.NAMES:
         if name != "nearest":
             kept += [os.path.join(first["folders"][name], "model.json"),

@@ -218,7 +218,7 @@ def test_arm_reads_only_the_target_items_and_its_cache(run, tmp_path, monkeypatc
 
     def candidates():
         c = selectors.Candidates(str(tmp_path), section, pool, ids, trainer, lambda: state,
-                                 run["reference"], seed=0, progress=False)
+                                 lambda: "seed", run["reference"], seed=0, progress=False)
         c.mates = lambda: (scores, {"probed_ids": ids[:8], "oracle": rng.normal(size=8)})
         c.embeddings = lambda: {"candidates": emb}
         return c

@@ -145,10 +145,13 @@ def test_two_processes_write_what_one_writes(tmp_path, expected, mode):
              "JAXSEL_COORDINATOR": f"localhost:{port}", "JAXSEL_NUM_PROCESSES": "2",
              "JAXSEL_PROCESS_ID": str(i)}) for i in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    chosen = stream_worker.selections(expected["y"])  # One process, whole rows at a time.
     for i in range(2):
         found = np.load(f"{folder}.{i}.npz")
         for k in expected:
             np.testing.assert_array_equal(found[k], expected[k], err_msg=k)
+        for k in chosen:  # The same seed, any process count and chunk size: the same ids.
+            np.testing.assert_array_equal(found[k], chosen[k], err_msg=k)
     markers = [json.loads((folder / stream.DONE / f).read_text())
                for f in sorted(os.listdir(folder / stream.DONE))]
     assert [m["rows"] for m in markers] == [[s, min(s + 8, N)] for s in range(0, N, 8)]

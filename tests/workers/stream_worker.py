@@ -2,6 +2,7 @@
 
 `tests/test_stream.py` runs this as 2 processes on localhost (each writing its own chunks, or all
 computing every chunk on a mesh over both), and as one slow process it kills mid-run (kill -9).
+Each process then selects from the streamed `y` (`selections`), reading it in chunks of 7 rows.
 Usage: python -m tests.workers.stream_worker FOLDER (none|mesh) [SECONDS_PER_BATCH]
 """
 
@@ -12,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxsel import sharding, stream
+from jaxsel import select, sharding, stream
 from tests.workers import rowmap_worker
 
 CHUNK, BATCH = 8, 4
@@ -38,7 +39,19 @@ def main():
     found = stream.stream_rows(rowmap_worker.jitted(mesh), slow_reader(data, seconds), folder,
                                INPUTS, chunk_rows=CHUNK, batch_size=BATCH, mesh=mesh,
                                num_rows=rowmap_worker.NUM)
-    np.savez(f"{folder}.{jax.process_index()}.npz", **{k: np.asarray(v) for k, v in found.items()})
+    np.savez(f"{folder}.{jax.process_index()}.npz", **{k: np.asarray(v) for k, v in found.items()},
+             **selections(found["y"], chunk_rows=7))
+
+
+def selections(scores_N, chunk_rows: int = select.CHUNK_ROWS) -> dict[str, np.ndarray]:
+    """Top-k, Gumbel-top-k and nearest-to-target ids from (memory-mapped) scores, seeded, read
+    `chunk_rows` rows at a time."""
+    emb_NxD = np.stack([scores_N, np.cos(scores_N)], axis=1)
+    return {"top_k": select.top_k(scores_N, 9, chunk_rows=chunk_rows).ids,
+            "gumbel_top_k": select.gumbel_top_k(scores_N, 9, seed=5, temperature=0.5,
+                                                chunk_rows=chunk_rows).ids,
+            "nearest": select.nearest_to_target(emb_NxD, emb_NxD[:2], 9,
+                                                chunk_rows=chunk_rows).ids}
 
 
 if __name__ == "__main__":
