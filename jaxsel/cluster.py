@@ -3,7 +3,8 @@
 - `kmeans` (k-means++ seeding on a sample, Lloyd iterations) and `balanced_kmeans` (the same, with
   undersized clusters re-seeded, then a repair pass that keeps every cluster size within
   `[avg * min_ratio, avg * max_ratio]`, by default `[avg / 5, 5 * avg]` as in Sam et al. 2025).
-  Both assign points in jitted chunks and hold no N x k array, so they scale to millions of points.
+  Both read the points (numpy or memory-mapped) in chunks, assign them in jitted chunks and hold
+  no N x k array nor a second copy of the points, so they scale to millions of points.
 - `knn_graph` + `rac` -> `Dendrogram`: average-linkage agglomerative clustering on cosine distance
   over a k-nearest-neighbour graph, by reciprocal agglomerative clustering (RAC; Sumengen et al.
   2021). `Dendrogram.labels_at(epsilon)` cuts it at a distance threshold, `labels_for(k)` at a
@@ -25,7 +26,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from jaxsel import search
-from jaxsel.embed import check_embeddings
+from jaxsel.embed import check_embeddings, chunk_rows
 
 # ----------------------------------------------------------------------------- k-means
 
@@ -69,13 +70,41 @@ def _kmeans_plus_plus(key, sample_SxD, k: int):
 
 
 @functools.partial(jax.jit, static_argnames="k")
-def _cluster_means(x_NxD, assignments_N, previous_KxD, k: int):
-    """Mean of each cluster's points; an empty cluster keeps its previous centroid."""
-    sums_KxD = jax.ops.segment_sum(x_NxD, assignments_N, num_segments=k)
-    counts_K = jax.ops.segment_sum(jnp.ones_like(assignments_N, jnp.float32), assignments_N,
-                                   num_segments=k)
-    return jnp.where(counts_K[:, None] > 0, sums_KxD / jnp.maximum(counts_K, 1)[:, None],
-                     previous_KxD)
+def _chunk_sums(x_CxD, assignments_C, k: int):
+    """Each cluster's sum and count over a chunk of points (assignment k: a padding row)."""
+    sums_KxD = jax.ops.segment_sum(x_CxD, assignments_C, num_segments=k + 1)[:k]
+    counts_K = jax.ops.segment_sum(jnp.ones_like(assignments_C, jnp.float32), assignments_C,
+                                   num_segments=k + 1)[:k]
+    return sums_KxD, counts_K
+
+
+def _cluster_means(x_NxD, assignments_N, previous_KxD, k: int) -> np.ndarray:
+    """Mean of each cluster's points, summed chunk by chunk (one compiled chunk shape; float64
+    across chunks); an empty cluster keeps its previous centroid."""
+    sums_KxD, counts_K = np.zeros((k, x_NxD.shape[1])), np.zeros(k)
+    rows = min(len(x_NxD), chunk_rows(x_NxD))
+    for start in range(0, len(x_NxD), rows):
+        part = np.asarray(x_NxD[start:start + rows])
+        chunk_CxD = np.zeros((rows, x_NxD.shape[1]), np.float32)
+        chunk_CxD[:len(part)] = part
+        labels_C = np.full(rows, k, np.int32)
+        labels_C[:len(part)] = assignments_N[start:start + rows]
+        sums, counts = _chunk_sums(chunk_CxD, labels_C, k)
+        sums_KxD += np.asarray(sums)
+        counts_K += np.asarray(counts)
+    means_KxD = sums_KxD / np.maximum(counts_K, 1)[:, None]
+    return np.where(counts_K[:, None] > 0, means_KxD, previous_KxD).astype(np.float32)
+
+
+def _sq_dists(x_NxD, centres_of) -> np.ndarray:
+    """`[N]` float32 squared distance of each point to its centre, `centres_of(rows)` (`[D]`, or
+    `[C, D]` for the chunk's C points), chunk by chunk."""
+    d2_N = np.empty(len(x_NxD), np.float32)
+    rows = chunk_rows(x_NxD)
+    for start in range(0, len(x_NxD), rows):
+        chunk = slice(start, start + rows)
+        d2_N[chunk] = np.sum((np.asarray(x_NxD[chunk]) - centres_of(chunk)) ** 2, axis=1)
+    return d2_N
 
 
 def _nearest_centroid(x_NxD, centroids_KxD):
@@ -92,7 +121,7 @@ def _check_kmeans_inputs(x_NxD, k: int) -> np.ndarray:
     return x_NxD
 
 
-def _lloyd(x_NxD, x_device, centroids_KxD, num_iters, tol, progress):
+def _lloyd(x_NxD, centroids_KxD, num_iters, tol, progress):
     """Lloyd iterations from `centroids_KxD` -> `KMeansResult` (the last assignment, the means of
     its clusters, and the inertia of each iteration's assignment)."""
     k = len(centroids_KxD)
@@ -102,7 +131,7 @@ def _lloyd(x_NxD, x_device, centroids_KxD, num_iters, tol, progress):
         history.append(float(d2_N.sum(dtype=np.float64)))
         if len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:
             break
-        centroids_KxD = np.asarray(_cluster_means(x_device, assignments_N, centroids_KxD, k))
+        centroids_KxD = _cluster_means(x_NxD, assignments_N, centroids_KxD, k)
     return KMeansResult(centroids_KxD, assignments_N, np.array(history))
 
 
@@ -127,7 +156,7 @@ def kmeans(
     rows = np.sort(np.random.default_rng(seed).choice(
         len(x_NxD), min(len(x_NxD), max(init_sample_size, k)), replace=False))
     centroids_KxD = np.asarray(_kmeans_plus_plus(jax.random.key(seed), jnp.asarray(x_NxD[rows]), k))
-    return _lloyd(x_NxD, jnp.asarray(x_NxD), centroids_KxD, num_iters, tol, progress)
+    return _lloyd(x_NxD, centroids_KxD, num_iters, tol, progress)
 
 
 def size_bounds(n: int, k: int, min_ratio: float = 0.2, max_ratio: float = 5.0) -> tuple[int, int]:
@@ -168,17 +197,12 @@ def _shrink_oversized(x_NxD, centroids_KxD, assignments_N, d2_N, high, neighbour
             sizes_K[target] += 1
 
 
-@jax.jit
-def _sq_dist_to_point(x_NxD, c_D):
-    return jnp.sum((x_NxD - c_D) ** 2, axis=1)
-
-
-def _grow_undersized(x_device, centroids_KxD, assignments_N, d2_N, low):
+def _grow_undersized(x_NxD, centroids_KxD, assignments_N, d2_N, low):
     """Pulls into every cluster smaller than `low` the points whose move costs least, taken only
     from clusters larger than `low` (in place). Never makes a cluster exceed its size or `low`."""
     sizes_K = np.bincount(assignments_N, minlength=len(centroids_KxD))
     for j in np.flatnonzero(sizes_K < low):
-        d2_to_j_N = np.asarray(_sq_dist_to_point(x_device, jnp.asarray(centroids_KxD[j])))
+        d2_to_j_N = _sq_dists(x_NxD, lambda rows, j=j: centroids_KxD[j])
         cost_N = np.where(assignments_N == j, np.inf, d2_to_j_N - d2_N)
         for point in np.argsort(cost_N, kind="stable"):
             if sizes_K[j] >= low:
@@ -195,7 +219,7 @@ def _reseed_undersized(x_NxD, result: KMeansResult, low: int, rng) -> np.ndarray
     random point of one of the clusters with the largest squared error (splitting it)."""
     k = len(result.centroids_KxD)
     sizes_K = result.sizes_K
-    d2_N = np.sum((x_NxD - result.centroids_KxD[result.assignments_N]) ** 2, axis=1)
+    d2_N = _sq_dists(x_NxD, lambda rows: result.centroids_KxD[result.assignments_N[rows]])
     sse_K = np.bincount(result.assignments_N, weights=d2_N, minlength=k)
     small = np.flatnonzero(sizes_K < low)
     splittable = [t for t in np.argsort(-sse_K, kind="stable") if sizes_K[t] >= low]
@@ -234,20 +258,19 @@ def balanced_kmeans(
     x_NxD = _check_kmeans_inputs(x_NxD, k)
     low, high = size_bounds(len(x_NxD), k, min_ratio, max_ratio)
     result = kmeans(x_NxD, k, seed, num_iters, tol, init_sample_size, progress)
-    x_device = jnp.asarray(x_NxD)
     rng = np.random.default_rng(seed)
     for _ in range(reseed_rounds):
         if result.sizes_K.min() >= low:
             break
         centroids_KxD = _reseed_undersized(x_NxD, result, low, rng)
-        result = _lloyd(x_NxD, x_device, centroids_KxD, num_iters, tol, progress)
+        result = _lloyd(x_NxD, centroids_KxD, num_iters, tol, progress)
     centroids_KxD, history = result.centroids_KxD, []
     for _ in range(max(balance_iters, 1)):
         assignments_N, d2_N = _nearest_centroid(x_NxD, centroids_KxD)
         _shrink_oversized(x_NxD, centroids_KxD, assignments_N, d2_N, high)
-        _grow_undersized(x_device, centroids_KxD, assignments_N, d2_N, low)
+        _grow_undersized(x_NxD, centroids_KxD, assignments_N, d2_N, low)
         history.append(float(d2_N.sum(dtype=np.float64)))
-        centroids_KxD = np.asarray(_cluster_means(x_device, assignments_N, centroids_KxD, k))
+        centroids_KxD = _cluster_means(x_NxD, assignments_N, centroids_KxD, k)
     return KMeansResult(centroids_KxD, assignments_N, np.array(history))
 
 
@@ -273,24 +296,16 @@ def knn_graph(x_NxD, num_neighbors: int, scann_overrides: dict | None = None,
     Returns `(u_E, v_E, dist_E)`: each pair once, `u < v`, sorted, with its cosine distance
     `1 - cos` (float64 from the given rows, clipped to [0, 2] as scipy's `pdist(x, "cosine")`).
     A pair is an edge when either row is among the other's `min(num_neighbors, N - 1)` nearest
-    (so `num_neighbors >= N - 1` gives the complete graph): `search.exact_search` finds them
-    below `search.BRUTE_FORCE_BELOW` rows, a ScaNN index with
-    `search.scann_params(N, scann_overrides)` above (approximate, and as the index build is not
-    bit-reproducible, a few rows' neighbours may differ from one build to the next).
+    (so `num_neighbors >= N - 1` gives the complete graph), as `search.neighbours` finds them.
+    The rows (numpy or memory-mapped) are read in chunks besides the one normalised copy.
     """
     x_NxD = check_embeddings(x_NxD, "x_NxD", nonzero=True)
     if not isinstance(num_neighbors, int | np.integer) or num_neighbors < 1:
         raise ValueError(f"num_neighbors must be an int >= 1, got {num_neighbors!r}")
     n = len(x_NxD)
     t = min(int(num_neighbors), n - 1) + 1  # one more: a row is usually its own first hit
-    unit_NxD = x_NxD / np.linalg.norm(x_NxD, axis=1, keepdims=True)
-    if n < search.BRUTE_FORCE_BELOW:
-        ids_NxT, _ = search.exact_search(unit_NxD, unit_NxD, t, progress=progress)
-    else:
-        params = search.scann_params(n, scann_overrides)
-        index = search.build_index(unit_NxD, "dot_product", params)
-        ids_NxT, _ = search.search_index(index, unit_NxD, t, progress=progress)
-    rows_E, cols_E = np.repeat(np.arange(n), t), ids_NxT.ravel().astype(np.int64)
+    ids_NxT = search.neighbours(x_NxD, t, scann_overrides, progress)
+    rows_E, cols_E = np.repeat(np.arange(n), t), ids_NxT.ravel()
     ok = (rows_E != cols_E) & (cols_E >= 0) & (cols_E < n)
     rows_E, cols_E = rows_E[ok], cols_E[ok]
     u_E, v_E, _ = _combine(np.minimum(rows_E, cols_E), np.maximum(rows_E, cols_E),

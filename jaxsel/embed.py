@@ -40,17 +40,30 @@ def check_embeddings(emb_NxD: np.ndarray, name: str, *, nonzero: bool = True,
     """Returns `emb_NxD` as float32 after checking it is a non-empty 2-D array of finite rows
     (and, with `nonzero`, no all-zero row); otherwise a ValueError naming `name` and the rows
     (numbered from `first_row`, for a chunk of a larger array)."""
-    emb_NxD = np.asarray(emb_NxD, dtype=np.float32)
+    emb_NxD = np.asarray(emb_NxD, dtype=np.float32)  # A float32 memory map stays one.
     if emb_NxD.ndim != 2 or 0 in emb_NxD.shape:
         raise ValueError(f"{name} must be a non-empty [N, d] array, got shape {emb_NxD.shape}")
-    bad = first_row + np.flatnonzero(~np.isfinite(emb_NxD).all(axis=1))
+    rows = chunk_rows(emb_NxD)
+    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(emb_NxD[start:start + rows])
+                                                 .all(axis=1))
+                          for start in range(0, len(emb_NxD), rows)])
     if bad.size:
+        bad += first_row
         raise ValueError(f"{name} has {bad.size} rows with NaN or inf values, e.g. rows {bad[:5]}")
     if nonzero:
-        bad = first_row + np.flatnonzero(~emb_NxD.any(axis=1))
+        bad = np.concatenate([start + np.flatnonzero(~emb_NxD[start:start + rows].any(axis=1))
+                              for start in range(0, len(emb_NxD), rows)])
         if bad.size:
+            bad += first_row
             raise ValueError(f"{name} has {bad.size} all-zero rows, e.g. rows {bad[:5]}")
     return emb_NxD
+
+
+def chunk_rows(x_NxD, nbytes: int = 1 << 24) -> int:
+    """Rows of `x_NxD` in about `nbytes` (16 MB): how much of a (memory-mapped) array the
+    embedding passes read at a time."""
+    return max(1, nbytes // max(1, x_NxD[:1].nbytes))
+
 
 
 def _pool_rows(tokens_NxL, segments_NxL, vocab_size: int | None = None) -> tuple[Callable, int]:
@@ -338,10 +351,17 @@ def _project(mean_D, scale_D, components_DxK, emb_BxD):
     return ((emb_BxD - mean_D) / scale_D) @ components_DxK
 
 
-def l2_normalize(emb_NxD) -> np.ndarray:
-    """Rows scaled to unit L2 norm; a NaN or all-zero row is an error naming it."""
+def l2_normalize(emb_NxD, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); a NaN or all-zero row is an error naming it. Written
+    chunk by chunk into one new array, or into `out` (e.g. a memory-mapped file), so a
+    memory-mapped input is never held in memory twice."""
     emb_NxD = check_embeddings(emb_NxD, "embeddings to normalise")
-    return emb_NxD / np.linalg.norm(emb_NxD, axis=1, keepdims=True)
+    out = np.empty(emb_NxD.shape, np.float32) if out is None else out
+    rows = chunk_rows(emb_NxD)
+    for start in range(0, len(emb_NxD), rows):
+        chunk = np.asarray(emb_NxD[start:start + rows])
+        out[start:start + rows] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
 
 
 def apply_postprocess(

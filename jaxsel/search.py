@@ -15,7 +15,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ import numpy as np
 import tqdm
 from scann.scann_ops.py import scann_ops_pybind
 
-from jaxsel.embed import check_embeddings
+from jaxsel.embed import check_embeddings, l2_normalize
 
 METRICS = ("dot_product", "squared_l2")
 BRUTE_FORCE_BELOW = 4096
@@ -245,6 +247,27 @@ def search_index(
             scores_QxK[start : start + len(block)] = scores
             bar.update(len(block))
     return ids_QxK, scores_QxK
+
+
+def neighbours(x_NxD, t: int, scann_overrides: dict | None = None,
+               progress: bool = False) -> np.ndarray:
+    """`[N, t]` int64 ids of each row's `t` nearest rows by cosine similarity, itself usually
+    among them. Below `BRUTE_FORCE_BELOW` rows: `exact_search` on the normalised rows. Above: a
+    ScaNN index with `scann_params(N, scann_overrides)` (approximate, and as its build is not
+    bit-reproducible a few rows' neighbours may differ from one build to the next) over the
+    normalised rows written to a temporary memory-mapped file (under `$TMPDIR`), so the index
+    holds the one in-memory copy of them and the queries are read from the file in batches."""
+    n = len(x_NxD)
+    if n < BRUTE_FORCE_BELOW:
+        unit_NxD = l2_normalize(x_NxD)
+        return exact_search(unit_NxD, unit_NxD, t, progress=progress)[0].astype(np.int64)
+    with tempfile.TemporaryDirectory(prefix="jaxsel-unit-") as folder:
+        unit_NxD = l2_normalize(x_NxD, np.lib.format.open_memmap(
+            os.path.join(folder, "unit.npy"), "w+", np.float32, np.shape(x_NxD)))
+        index = build_index(unit_NxD, "dot_product", scann_params(n, scann_overrides))
+        ids_NxT, _ = search_index(index, unit_NxD, t, progress=progress)
+        del unit_NxD, index
+    return ids_NxT.astype(np.int64)
 
 
 def save_index(index: ScannIndex, directory: str | pathlib.Path) -> None:

@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from jaxsel import cluster, report, search
+from jaxsel import cluster, embed, report, search
 from jaxsel.embed import check_embeddings
 
 _KEYS = ("ids", "method", "pool_size", "params", "scores")
@@ -417,10 +417,6 @@ def threshold_diverse(emb_NxD, k: int, num_neighbors: int = 64, missing_distance
 # ----------------------------------------------------------------------------- similarity
 
 
-def _unit_rows(emb_NxD: np.ndarray) -> np.ndarray:
-    return emb_NxD / np.linalg.norm(emb_NxD, axis=1, keepdims=True)
-
-
 def _pair_cosines(a_NxD, b_MxD, rows_NxT, chunk_elems: int = 1 << 22) -> np.ndarray:
     """`cos_NxT[i, t]`: the cosine similarity of `a_i` and `b_{rows[i, t]}`, in float64 from the
     given rows, in row chunks of at most about `chunk_elems` gathered values (so decisions below
@@ -438,15 +434,17 @@ def _pair_cosines(a_NxD, b_MxD, rows_NxT, chunk_elems: int = 1 << 22) -> np.ndar
     return cos_NxT
 
 
-def dedup(emb_NxD, threshold: float, order_N=None, num_neighbors: int = 16) -> np.ndarray:
+def dedup(emb_NxD, threshold: float, order_N=None, num_neighbors: int = 16,
+          scann_overrides: dict | None = None) -> np.ndarray:
     """The ids (sorted) kept by greedy near-duplicate removal by cosine similarity.
 
     Rows are visited in `order_N` (a permutation of 0..N-1; default 0..N-1, so put the
     preferred copy first); a row is kept unless its cosine similarity with an already kept row
     is >= `threshold`. Candidates are each row's `num_neighbors` nearest other rows
-    (`search.exact_search` on the L2-normalised rows, chunked: no N x N matrix), rescored in
-    float64 from the given rows (a similarity within 1e-9 below `threshold` counts as reaching
-    it, so `threshold=1` removes identical rows).
+    (`search.neighbours` on the L2-normalised rows: exact and chunked below
+    `search.BRUTE_FORCE_BELOW` rows, ScaNN above; no N x N matrix), rescored in float64 from the
+    given rows (numpy or memory-mapped; a similarity within 1e-9 below `threshold` counts as
+    reaching it, so `threshold=1` removes identical rows).
 
     This equals the exhaustive greedy whenever no row has more than `num_neighbors` rows at
     similarity >= `threshold`. In a larger group a row's kept duplicate may fall outside its
@@ -470,9 +468,7 @@ def dedup(emb_NxD, threshold: float, order_N=None, num_neighbors: int = 16) -> n
     rank_N = np.empty(n, np.int64)
     rank_N[order_N] = np.arange(n)
     # Self is usually the first hit, so ask for one more; drop self wherever it appears.
-    unit_NxD = _unit_rows(emb_NxD)
-    ids_NxT, _ = search.exact_search(unit_NxD, unit_NxD, min(num_neighbors + 1, n))
-    ids_NxT = ids_NxT.astype(np.int64)
+    ids_NxT = search.neighbours(emb_NxD, min(num_neighbors + 1, n), scann_overrides)
     cos_NxT = _pair_cosines(emb_NxD, emb_NxD, ids_NxT)
     # Only other rows visited earlier can block a row; a row with none is always kept.
     dup_NxT = ((cos_NxT >= threshold - _SLACK) & (ids_NxT != np.arange(n)[:, None])
@@ -505,12 +501,12 @@ def nearest_to_target(emb_NxD, target_TxD, k: int, query_batch: int = 1024,
     k = _check_k(k, len(emb_NxD))
     if not _is_int(query_batch) or query_batch < 1:
         raise ValueError(f"query_batch must be an int >= 1, got {query_batch!r}")
-    unit_TxD = _unit_rows(target_TxD)
+    unit_TxD = embed.l2_normalize(target_TxD)
 
     def similarities(rows: slice) -> np.ndarray:
         chunk_CxD = check_embeddings(emb_NxD[rows], "emb_NxD", nonzero=True,
                                      first_row=rows.start)
-        nearest_Cx1, _ = search.exact_search(unit_TxD, _unit_rows(chunk_CxD), 1,
+        nearest_Cx1, _ = search.exact_search(unit_TxD, embed.l2_normalize(chunk_CxD), 1,
                                              query_batch=query_batch)
         return _pair_cosines(chunk_CxD, target_TxD, nearest_Cx1.astype(np.int64))[:, 0]
 

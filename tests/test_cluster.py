@@ -2,12 +2,20 @@
 bounds, the k-nearest-neighbour graph against brute force, and RAC against scipy's exact
 average-linkage HAC (on the cosine distances, or on the graph's modified dissimilarity)."""
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, is_monotonic, is_valid_linkage, linkage
 from scipy.spatial.distance import pdist, squareform
 
 from jaxsel import cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def blobs(rng, n, d=8, centres=12, spread=0.5):
@@ -207,3 +215,20 @@ def test_kmeans_bad_input():
         cluster.balanced_kmeans(x, 2)
     with pytest.raises(ValueError, match="min_ratio"):
         cluster.size_bounds(100, 10, min_ratio=2.0)
+
+
+def test_selectors_hold_no_copy_of_memory_mapped_points():
+    """Over a memory-mapped [400k, 32] float32 array (51 MB), in a process of its own: balanced
+    k-means grows its anonymous memory by far less than the points (it reads them in chunks);
+    dedup by no more than its neighbour search (ScaNN's index, which copies the normalised rows
+    from a temporary file) plus its [N, 5] neighbour arrays and a chunk."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.workers.memmap_worker",
+             os.path.join(folder, "points.npy"), "400000", "32"],
+            cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    size, growth = found["bytes"], found["growth"]
+    assert growth["balanced_kmeans"] < 0.25 * size, growth
+    neighbour_arrays = 400_000 * 5 * (8 + 8 + 1)
+    assert growth["dedup"] < growth["neighbours"] + neighbour_arrays + (16 << 20), growth
