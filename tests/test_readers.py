@@ -1,11 +1,14 @@
 """Readers of real data: every reader on small fixtures, bad records counted by reason."""
 
 import collections
+import contextlib
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from etils import epath
+from etils.epath import testing as _epath_testing  # noqa: F401 (registers epath.testing)
 
 from jaxsel import config as config_lib
 from jaxsel.data import readers
@@ -126,3 +129,54 @@ def test_tfds_array_record_source(tfds_dir, domain_field):
         expected = {(text, tfds_dataset.NAME) for text, _ in expected}
     assert {(d.text, d.domain) for d in docs} == expected
     assert skipped == {"invalid_utf8": 1, "empty_text": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Remote paths through etils.epath
+
+
+@contextlib.contextmanager
+def _bucket(root):
+    """`gs://bucket/...` served from the local folder `root` (`epath.testing.mock_epath`)."""
+    local = str(root)
+
+    def same(original, path, *args, **kwargs):
+        return original(str(path).replace("gs://bucket", local), *args, **kwargs)
+
+    def glob(original, path):
+        return [p.replace(local, "gs://bucket") for p in same(original, path)]
+
+    def walk(original, path, *args, **kwargs):
+        for top, dirs, files in same(original, path, *args, **kwargs):
+            yield str(top).replace(local, "gs://bucket"), dirs, files
+
+    with epath.testing.mock_epath(open=same, exists=same, isdir=same, glob=glob, listdir=same,
+                                  stat=same, walk=walk):
+        yield
+
+
+def test_gs_paths_read_as_local_ones(tmp_path):
+    """jsonl (a glob), parquet and text folders under `gs://` (a fake bucket over a local folder)
+    give the documents the same local files give, and cache keys that name the remote files."""
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "1.jsonl", [json.dumps({"text": "one", "src": "a"}).encode()])
+    _write_jsonl(tmp_path / "data" / "2.jsonl", [json.dumps({"text": "two", "src": "b"}).encode()])
+    pq.write_table(pa.table({"text": ["three", "four"], "src": ["a", "b"]}),
+                   tmp_path / "data" / "x.parquet")
+    (tmp_path / "texts" / "news").mkdir(parents=True)
+    (tmp_path / "texts" / "news" / "a.txt").write_text("news one")
+    (tmp_path / "texts" / "root.txt").write_text("at the root")
+    sources = {"jsonl": "data/*.jsonl", "parquet": "data/x.parquet", "text": "texts"}
+    local = {s: _read(s, paths=(str(tmp_path / p),), domain_field="src" if s != "text" else "")
+             for s, p in sources.items()}
+    with _bucket(tmp_path):
+        remote = {s: _read(s, paths=(f"gs://bucket/{p}",),
+                           domain_field="src" if s != "text" else "")
+                  for s, p in sources.items()}
+        d = config_lib.base_config("tiny").data
+        d.update(source="jsonl", paths=("gs://bucket/data/*.jsonl",))
+        keys = [readers.stat_key(p) for p in readers.source_files(d)]
+    assert remote == local and [len(docs) for docs, _ in remote.values()] == [2, 2, 2]
+    assert [k[:2] for k in keys] == [(f"gs://bucket/data/{n}.jsonl",
+                                      (tmp_path / "data" / f"{n}.jsonl").stat().st_size)
+                                     for n in (1, 2)]

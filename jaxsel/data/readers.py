@@ -1,5 +1,9 @@
 """Readers of real data: jsonl, parquet, text folders, TFDS (array_record); the `Document`.
 
+Paths go through `etils.epath`, so `data.paths` may name local files or, where the file system's
+package is installed (gcsfs, or TensorFlow's gfile), `gs://` objects; a remote glob takes `*` and
+`?` but not the recursive `**`.
+
 Every reader yields `Document`s with a stable integer id. Bad records (invalid UTF-8, broken JSON,
 a missing or non-string text field, empty text, unreadable files) never stop a read and never
 vanish: they are skipped and counted by reason in the `skipped` counter the caller passes in,
@@ -18,6 +22,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 DEFAULT_DOMAIN = "default"
 
@@ -51,7 +57,7 @@ def decode(raw: bytes) -> str:
         raise Skip("invalid_utf8") from e
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path | epath.Path) -> bytes:
     """The file's bytes, decompressed if its name ends in `.gz`."""
     try:
         raw = path.read_bytes()
@@ -60,17 +66,25 @@ def read_bytes(path: Path) -> bytes:
         raise Skip("unreadable_file") from e
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path | epath.Path) -> str:
     return decode(read_bytes(path))
 
 
-def stat_key(path: Path) -> tuple[str, int, int]:
-    """A file's path, size and mtime: what a cache key names a file by without reading it."""
-    st = path.stat()
-    return str(path), st.st_size, st.st_mtime_ns
+def _is_local(path) -> bool:
+    return "://" not in str(path)
 
 
-def source_files(d) -> list[Path]:
+def stat_key(path: Path | epath.Path) -> tuple[str, int, int]:
+    """A file's path, size and modification time (ns on a local disk, as the store reports it
+    elsewhere): what a cache key names a file by without reading it."""
+    if _is_local(path):
+        st = os.stat(path)
+        return str(path), st.st_size, st.st_mtime_ns
+    st = epath.Path(path).stat()
+    return str(path), int(st.length), int(st.mtime)
+
+
+def source_files(d) -> list[epath.Path]:
     """The files a jsonl, parquet or text source reads, in reading order."""
     return _text_dir_files(_text_folder(d)) if d.source == "text" else _expand_paths(d.paths)
 
@@ -122,12 +136,26 @@ def _documents_from_records(records: Iterable[Any], text_field: str, domain_fiel
             skipped[skip.reason] += 1
 
 
-def _expand_paths(paths) -> list[Path]:
+def _glob(pattern: str) -> list[epath.Path]:
+    """The files a path or glob names: a local one through `glob` (`**` recursive), any other
+    (`gs://...`) through `epath` from the part before its first wildcard."""
+    pattern = os.path.expanduser(pattern)
+    if _is_local(pattern):
+        matches = glob.glob(pattern, recursive=True)
+    elif not glob.has_magic(pattern):
+        matches = [pattern]
+    else:
+        parts = pattern.split("/")
+        first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        matches = epath.Path("/".join(parts[:first])).glob("/".join(parts[first:]))
+    return [p for p in map(epath.Path, matches) if p.is_file()]
+
+
+def _expand_paths(paths) -> list[epath.Path]:
     """`data.paths` (a tuple of files or globs) -> sorted unique files."""
-    files: set[Path] = set()
+    files: set[epath.Path] = set()
     for pattern in paths:
-        matches = [Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True)]
-        matches = [m for m in matches if m.is_file()]
+        matches = _glob(pattern)
         if not matches:
             raise ValueError(f"data.paths: {pattern!r} matches no file")
         files.update(matches)
@@ -136,7 +164,7 @@ def _expand_paths(paths) -> list[Path]:
     return sorted(files)
 
 
-def _jsonl_records(files: list[Path]) -> Iterator[Any]:
+def _jsonl_records(files: list[epath.Path]) -> Iterator[Any]:
     """Parsed JSON lines in file order; an undecodable, blank or broken line yields a `Skip`."""
     for path in files:
         with path.open("rb") as f:
@@ -164,13 +192,14 @@ def parquet_documents(d, skipped: collections.Counter) -> Iterator[Document]:
     def records() -> Iterator[Any]:
         columns = [d.text_field] + ([d.domain_field] if d.domain_field else [])
         for path in _expand_paths(d.paths):
-            file = pq.ParquetFile(path)
-            missing = [c for c in columns if c not in file.schema_arrow.names]
-            if missing:
-                raise ValueError(f"data.text_field/data.domain_field: {path} has no column "
-                                 f"{missing}; columns are {file.schema_arrow.names}")
-            for batch in file.iter_batches(columns=columns):
-                yield from batch.to_pylist()
+            with path.open("rb") as f:
+                file = pq.ParquetFile(f)
+                missing = [c for c in columns if c not in file.schema_arrow.names]
+                if missing:
+                    raise ValueError(f"data.text_field/data.domain_field: {path} has no column "
+                                     f"{missing}; columns are {file.schema_arrow.names}")
+                for batch in file.iter_batches(columns=columns):
+                    yield from batch.to_pylist()
 
     return _documents_from_records(records(), d.text_field, d.domain_field, DEFAULT_DOMAIN,
                                    skipped)
@@ -188,20 +217,21 @@ def _text_folder(d) -> str:
     return d.paths[0]
 
 
-def _text_dir_files(folder: str) -> list[Path]:
+def _text_dir_files(folder: str) -> list[epath.Path]:
     """The files under `folder` (hidden ones left out), sorted."""
-    root = Path(os.path.expanduser(folder))
+    root = epath.Path(os.path.expanduser(folder))
     if not root.is_dir():
         raise ValueError(f"data.paths: {folder!r} is not a folder (data.source='text')")
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = [epath.Path(top) / name for top, _, names in root.walk() for name in names]
+    return sorted(p for p in files
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def text_dir_documents(d, skipped: collections.Counter) -> Iterator[Document]:
     """One document per file (`.gz` files are decompressed); the doc id is the file's position
     in sorted order."""
     folder = _text_folder(d)
-    root = Path(os.path.expanduser(folder))
+    root = epath.Path(os.path.expanduser(folder))
     for doc_id, path in enumerate(_text_dir_files(folder)):
         rel = path.relative_to(root).parts
         domain = rel[0] if len(rel) > 1 else DEFAULT_DOMAIN
