@@ -24,7 +24,8 @@ training, in FLOPs and seconds.
 
 Writes into --workdir: config.json, report.json, report.md, stages.png, and `stages/<s>-<arm>/`
 (stage 0: `stages/0`) holding the stage's `selection.json`, for MATES the selection step's
-artifacts (`jaxsel.mates`) and `encoder_inputs.npz`, and its `evaluation.json`. The stages'
+artifacts (`jaxsel.mates`) and the candidates' encoder inputs (streamed into `rows/`), and its
+`evaluation.json`. The stages'
 training runs and their decayed copies are models of the model pool (`runs.model`, default
 `<workdir>/models`). Every artifact is written once and reused, so a killed run resumes where
 it was.
@@ -41,7 +42,7 @@ import numpy as np
 from absl import app, logging
 from matplotlib.figure import Figure
 
-from jaxsel import composition, embed, launch, mates, probe, report, runs, select, train
+from jaxsel import composition, embed, launch, mates, probe, report, runs, select, stream, train
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -156,17 +157,19 @@ class Experiment:
         self._trained: dict[tuple[str, int], dict] = {}
 
     def encoder_inputs(self, stage: int) -> dict[str, np.ndarray]:
-        """The stage's candidates decoded and tokenised for the influence model."""
-        def compute():
-            rows = self.pool.rows(self.candidates[stage])
-            ids, lengths = embed.encoder_inputs(
-                self.encoder, rows["tokens"], rows["segments"],
-                tokenizer_lib.load_tokenizer(self.pool.tokenizer_path),
-                max_tokens=mates.encoder_tokens(self.config.mates))
-            return {"ids": ids, "lengths": lengths}
-
-        folder = stage_dir(self.workdir, "mates", stage)
-        return report.cached_npz(os.path.join(folder, "encoder_inputs.npz"), compute)
+        """The stage's candidates decoded and tokenised for the influence model (streamed to
+        the stage folder's `rows/`)."""
+        ids, max_tokens = self.candidates[stage], mates.encoder_tokens(self.config.mates)
+        rows = self.pool.view(ids)
+        target = stream.Target(os.path.join(stage_dir(self.workdir, "mates", stage), "rows"),
+                               "encoder_inputs", {
+                                   "pool": self.pool.key, "ids": stream.ids_key(ids),
+                                   "encoder": self.config.mates.encoder, "max_tokens": max_tokens})
+        ids_NxM, lengths_N = embed.encoder_inputs(
+            self.encoder, rows["tokens"], rows["segments"],
+            tokenizer_lib.load_tokenizer(self.pool.tokenizer_path), max_tokens=max_tokens,
+            to=target)
+        return {"ids": ids_NxM, "lengths": lengths_N}
 
     def predicted_influence(self, stage: int) -> tuple[np.ndarray, dict]:
         """MATES' selection step for `stage` from the state stage - 1 left."""

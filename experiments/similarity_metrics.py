@@ -281,7 +281,7 @@ class Experiment:
         the settings."""
         model = self.folder(role) if role else ""
         return stream.Target(self.path("rows"), name, {
-            "pool": f"{self.train_pool.path.parent.name}/{self.train_pool.path.name}",
+            "pool": self.train_pool.key,
             "ids": stream.ids_key(ids), "model": model,
             **settings})
 
@@ -336,7 +336,9 @@ class Experiment:
                                     to=self.target(name, ids, buckets=s.ngram_buckets))
         ids_NxM, lengths_N = embed.encoder_inputs(
             self.encoder, tokens, segments,
-            tokenizer_lib.load_tokenizer(self.train_pool.tokenizer_path), progress=self.progress)
+            tokenizer_lib.load_tokenizer(self.train_pool.tokenizer_path), progress=self.progress,
+            to=self.target("encoder_inputs", ids, encoder=str(self.encoder.folder),
+                           max_length=self.encoder.max_length))
         return embed.encoder_embed(self.encoder, ids_NxM, lengths_N, s.eval_batch_size,
                                    progress=self.progress, to=self.target(
                                        name, ids, encoder=str(self.encoder.folder),

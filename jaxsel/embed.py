@@ -8,7 +8,7 @@ resumable, memory bounded by a chunk):
 - `lm_token_mean`: mean of the LM's input token-embedding rows over real tokens (no forward pass);
 - `lm_output_mean`: mean of the LM's final hidden states over real tokens;
 - `encoder_embed`: an off-the-shelf BERT-family encoder (`jaxsel.model.encoder`) on the decoded
-  text, re-tokenised once by `encoder_inputs` (optionally cached on disk);
+  text, re-tokenised once by `encoder_inputs` (in memory or streamed, as the embeddings);
 - `ngram_hash`: hashed unigram + bigram counts (DSIR style), the no-model baseline.
 
 Post-processing as in Sam et al. (2025): `fit_postprocess` standardises each dimension and fits a
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import pathlib
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -28,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
-import tqdm
 
-from jaxsel import files, stream
+from jaxsel import stream
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
@@ -59,10 +56,12 @@ def check_embeddings(emb_NxD: np.ndarray, name: str, *, nonzero: bool = True,
     return emb_NxD
 
 
-def chunk_rows(x_NxD, nbytes: int = 1 << 24) -> int:
-    """Rows of `x_NxD` in about `nbytes` (16 MB): how much of a (memory-mapped) array the
-    embedding passes read at a time."""
-    return max(1, nbytes // max(1, x_NxD[:1].nbytes))
+CHUNK_BYTES = 1 << 24  # How much of a (memory-mapped) array the embedding passes read at a time.
+
+
+def chunk_rows(x_NxD) -> int:
+    """Rows of `x_NxD` in about `CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // max(1, x_NxD[:1].nbytes))
 
 
 
@@ -180,56 +179,32 @@ def decode_sequences(
     return [separator.join(texts[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _fingerprint(encoder: encoder_lib.Encoder, tokens_NxL, segments_NxL, max_tokens: int) -> str:
-    digest = hashlib.sha256()
-    digest.update((encoder.folder / "tokenizer.json").read_bytes())
-    digest.update(f"{max_tokens}|{tokens_NxL.shape}".encode())
-    digest.update(np.ascontiguousarray(tokens_NxL).tobytes())
-    digest.update(np.ascontiguousarray(segments_NxL).tobytes())
-    return digest.hexdigest()
-
-
 def encoder_inputs(
     encoder: encoder_lib.Encoder,
     tokens_NxL,
     segments_NxL,
     lm_tokenizer: tokenizers.Tokenizer,
-    cache_path: str | pathlib.Path | None = None,
     chunk_size: int = 8192,
     progress: bool = True,
     max_tokens: int | None = None,
+    to: stream.Target | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pool sequences decoded to text and re-tokenised for the encoder ->
     `(ids_NxM int32, lengths_N int32)`, `M = max_tokens` (default `encoder.max_length`; explicit
-    truncation, `encoder_lib.tokenize`), done `chunk_size` sequences at a time so the texts of
-    only one chunk are held in memory.
-
-    With `cache_path` (an `.npz`), the result is saved there (by process 0) and reused while the
-    pool tokens, the encoder's tokenizer and `M` are unchanged (a fingerprint of all three is
-    stored).
+    truncation, `encoder_lib.tokenize`), `chunk_size` sequences at a time so the texts of only
+    one chunk are held in memory; in memory, or streamed `to` a target (memory-mapped).
     """
-    _pool_rows(tokens_NxL, segments_NxL)  # Shapes now; each chunk's rows as it is decoded.
+    read, num = _pool_rows(tokens_NxL, segments_NxL)
     max_tokens = encoder.max_length if max_tokens is None else max_tokens
-    fingerprint = _fingerprint(encoder, tokens_NxL, segments_NxL, max_tokens)
-    cache_path = pathlib.Path(cache_path) if cache_path is not None else None
-    if cache_path is not None and cache_path.exists():
-        with np.load(cache_path) as cached:
-            if str(cached["fingerprint"]) == fingerprint:
-                return cached["ids"], cached["lengths"]
-    n = len(tokens_NxL)
-    ids_NxM = np.empty((n, max_tokens), np.int32)
-    lengths_N = np.empty(n, np.int32)
-    with tqdm.tqdm(total=n, desc="decode + encoder tokenize", unit="seq",
-                   disable=not progress) as bar:
-        for start in range(0, n, chunk_size):
-            rows = slice(start, min(start + chunk_size, n))
-            texts = decode_sequences(tokens_NxL[rows], segments_NxL[rows], lm_tokenizer)
-            ids_NxM[rows], lengths_N[rows] = encoder_lib.tokenize(encoder, texts, max_tokens)
-            bar.update(len(texts))
-    if cache_path is not None and jax.process_index() == 0:
-        with files.atomic_path(cache_path) as tmp:
-            np.savez(tmp, ids=ids_NxM, lengths=lengths_N, fingerprint=np.array(fingerprint))
-    return ids_NxM, lengths_N
+
+    def tokenize(batch) -> dict[str, np.ndarray]:
+        texts = decode_sequences(*(np.asarray(x) for x in batch), lm_tokenizer)
+        ids_BxM, lengths_B = encoder_lib.tokenize(encoder, texts, max_tokens)
+        return {"ids": ids_BxM, "lengths": lengths_B}
+
+    out = stream.map_rows(tokenize, read, min(chunk_size, num), to=to, num_rows=num,
+                          progress=progress, desc="decode + encoder tokenize")
+    return out["ids"], out["lengths"]
 
 
 def encoder_embed(

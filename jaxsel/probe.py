@@ -489,10 +489,11 @@ def first_order_spearman(exact_N: np.ndarray, first_order_N: np.ndarray) -> floa
 
 def _check_rows(rows, name: str, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`rows["tokens"]`, `rows["segments"]` after checking they are [N, L] with N >= 1 (and
-    L = seq_len); reads no data, so memory-mapped pools stay on disk."""
+    L = seq_len); reads no data, so memory-mapped pools and `Pool.view`s stay on disk."""
     if not isinstance(rows, Mapping) or not {"tokens", "segments"} <= set(rows):
         raise ValueError(f"{name}: expected a mapping with 'tokens' and 'segments' arrays")
-    tokens, segments = np.asarray(rows["tokens"]), np.asarray(rows["segments"])
+    tokens, segments = (x if hasattr(x, "shape") else np.asarray(x)
+                        for x in (rows["tokens"], rows["segments"]))
     if tokens.ndim != 2 or tokens.shape != segments.shape:
         raise ValueError(f"{name}: tokens {tokens.shape} and segments {segments.shape} must be "
                          "[N, L] arrays of one shape")

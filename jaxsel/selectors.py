@@ -95,7 +95,7 @@ class Candidates:
         reference = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in
                                             jax.tree.leaves(self.reference))).hexdigest()[:16]
         return stream.Target(self.path("rows"), name, {
-            "pool": f"{self.pool.path.parent.name}/{self.pool.path.name}",
+            "pool": self.pool.key,
             "ids": stream.ids_key(self.ids), "model": os.path.basename(self.model_fn()),
             "reference": reference, **settings})
 
@@ -114,7 +114,7 @@ class Candidates:
         """Each candidate's first-order influence on the target items from the seed state
         (streamed)."""
         return self.prober.first_order_influence(
-            self.state_fn(), self.pool.rows(self.ids), self.reference, self.progress,
+            self.state_fn(), self.pool.view(self.ids), self.reference, self.progress,
             self.target("first_order", probe_chunk=self.section.probe_chunk))
 
     def dsir_weights(self) -> np.ndarray:
@@ -123,7 +123,7 @@ class Candidates:
             "ids": self.ids, "log_weights": dsir.importance_weights(
                 {"tokens": np.asarray(self.reference.tokens_RxL),
                  "segments": np.asarray(self.reference.segments_RxL)},
-                self.pool.rows(self.ids), self.section.dsir_buckets,
+                self.pool.view(self.ids), self.section.dsir_buckets,
                 self.section.dsir_smoothing)})["log_weights"]
 
     def less_scores(self) -> dict[str, np.ndarray]:
@@ -131,7 +131,7 @@ class Candidates:
         def compute():
             projection = probe.GradProjection(self.section.less_dims, normalize=True,
                                               seed=config_lib.stream_seed(self.seed, _LESS))
-            scores, zero = less.scores(self.prober, self.state_fn(), self.pool.rows(self.ids),
+            scores, zero = less.scores(self.prober, self.state_fn(), self.pool.view(self.ids),
                                        self.reference, projection, self.progress,
                                        self.target("less_features", dims=self.section.less_dims,
                                                    seed=self.seed))
@@ -152,16 +152,18 @@ class Candidates:
         return report.cached_npz(self.path("arms", "minhash", "kept.npz"), compute)
 
     def encoder_inputs(self) -> dict[str, np.ndarray]:
-        """The candidates decoded and tokenised for the encoder, `encoder_windows` windows long:
-        `ids`, `lengths`."""
-        return report.cached_npz(self.path("candidates", "encoder_inputs.npz"), lambda: (
-            self._encoder_inputs(self.pool.rows(self.ids), mates.encoder_tokens(self.section))))
+        """The candidates decoded and tokenised for the encoder, `encoder_windows` windows long
+        (streamed): `ids`, `lengths`."""
+        max_tokens = mates.encoder_tokens(self.section)
+        return self._encoder_inputs(self.pool.view(self.ids), max_tokens, self.target(
+            "encoder_inputs", encoder=self.section.encoder, max_tokens=max_tokens))
 
-    def _encoder_inputs(self, rows, max_tokens: int) -> dict[str, np.ndarray]:
+    def _encoder_inputs(self, rows, max_tokens: int,
+                        to: stream.Target | None = None) -> dict[str, np.ndarray]:
         ids, lengths = embed.encoder_inputs(
             self.encoder, rows["tokens"], rows["segments"],
             tokenizer_lib.load_tokenizer(self.pool.tokenizer_path), progress=self.progress,
-            max_tokens=max_tokens)
+            max_tokens=max_tokens, to=to)
         return {"ids": ids, "lengths": lengths}
 
     def embeddings(self) -> dict[str, np.ndarray]:

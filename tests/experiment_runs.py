@@ -40,15 +40,17 @@ def run(name: str, workdir, overrides: dict, timeout: int = 900) -> None:
 
 def run_recording_reads(module, config, workdir, phase_method: str):
     """`launch.run_experiment` of experiment `module`'s `STUDY` in process, recording every
-    `Pool.rows` call made while `module.Experiment.<phase_method>` runs: returns (result,
-    reads), each read `(split, phase, ids)` with the phase the method's arguments."""
+    `Pool.rows` and `Pool.view` call made while `module.Experiment.<phase_method>` runs: returns
+    (result, reads), each read `(split, phase, ids)` with the phase the method's arguments."""
     reads, phase = [], []
-    rows, method = pool_lib.Pool.rows, getattr(module.Experiment, phase_method)
+    method = getattr(module.Experiment, phase_method)
 
-    def recording_rows(pool, ids):
-        if phase:
-            reads.append((pool.path.name, phase[-1], np.asarray(ids).copy()))
-        return rows(pool, ids)
+    def recording(read):
+        def recorded(pool, ids):
+            if phase:
+                reads.append((pool.path.name, phase[-1], np.asarray(ids).copy()))
+            return read(pool, ids)
+        return recorded
 
     def recording_method(experiment, *args):
         phase.append(args[0] if len(args) == 1 else args)
@@ -58,7 +60,8 @@ def run_recording_reads(module, config, workdir, phase_method: str):
             phase.pop()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pool_lib.Pool, "rows", recording_rows)
+        for name in ("rows", "view"):
+            patch.setattr(pool_lib.Pool, name, recording(getattr(pool_lib.Pool, name)))
         patch.setattr(module.Experiment, phase_method, recording_method)
         result = launch.run_experiment(config, str(workdir), module.STUDY)
     return result, reads

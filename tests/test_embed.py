@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsel import embed
+from jaxsel import embed, stream
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
@@ -154,30 +154,32 @@ def pack_texts(tokenizer, texts_per_row, length):
     return tokens, segments
 
 
-def test_encoder_inputs_decode_pack_and_cache(minilm, tmp_path, monkeypatch):
+def test_encoder_inputs_decode_pack_and_stream(minilm, tmp_path, monkeypatch):
     # The MiniLM tokenizer stands in for the LM's tokenizer (decode then re-encode).
     lm_tokenizer = minilm.tokenizer
     rows = [["the cat sat on the mat.", "a second document here."], ["one document only."]]
     tokens, segments = pack_texts(lm_tokenizer, rows, 24)
     assert embed.decode_sequences(tokens, segments, lm_tokenizer) == [
         "the cat sat on the mat.\na second document here.", "one document only."]
-    cache = tmp_path / "encoder_ids.npz"
-    ids, lengths = embed.encoder_inputs(minilm, tokens, segments, lm_tokenizer, cache,
-                                        chunk_size=1, progress=False)
     want_ids, want_lengths = encoder_lib.tokenize(minilm, ["\n".join(r) for r in rows])
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_array_equal(lengths, want_lengths)
+    target = stream.Target(tmp_path, "encoder_inputs", {"pool": "two rows"})
+    for to in (None, target):  # In memory, and streamed to disk.
+        ids, lengths = embed.encoder_inputs(minilm, tokens, segments, lm_tokenizer,
+                                            chunk_size=1, progress=False, to=to)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(lengths, want_lengths)
 
     def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded again despite the cache")
+        raise AssertionError("decoded again although the target holds the result")
 
     monkeypatch.setattr(embed, "decode_sequences", no_decoding)
-    cached_ids, _ = embed.encoder_inputs(minilm, tokens, segments, lm_tokenizer, cache,
-                                         progress=False)
-    np.testing.assert_array_equal(cached_ids, ids)
-    tokens[1, 0] += 1  # a changed pool invalidates the cache
-    with pytest.raises(AssertionError, match="decoded again"):
-        embed.encoder_inputs(minilm, tokens, segments, lm_tokenizer, cache, progress=False)
+    again, _ = embed.encoder_inputs(minilm, tokens, segments, lm_tokenizer, chunk_size=1,
+                                    progress=False, to=target)
+    np.testing.assert_array_equal(again, want_ids)
+    with pytest.raises(AssertionError, match="decoded again"):  # Another pool, another target.
+        embed.encoder_inputs(minilm, tokens, segments, lm_tokenizer, chunk_size=1,
+                             progress=False,
+                             to=stream.Target(tmp_path, "encoder_inputs", {"pool": "other"}))
 
 
 def test_encoder_embed_matches_reference_in_pool_order(minilm):

@@ -226,6 +226,12 @@ def test_pool_accessors(built):
         pool.ids_of_domain("zzz")
     counted = collections.Counter(pool.domain_names[pool.domains[i]] for i in ids)
     assert pool.domain_counts(ids) == dict(counted)
+    # A view reads only the rows indexed, the same rows as `rows`.
+    view = pool.view(ids)
+    assert view["tokens"].shape == rows["tokens"].shape and len(view["segments"]) == len(ids)
+    for idx in (slice(1, 3), np.array([3, 0]), slice(None)):
+        for name in ("tokens", "segments"):
+            np.testing.assert_array_equal(view[name][idx], rows[name][idx])
 
 
 def test_second_build_reads_the_cache(built, monkeypatch):

@@ -520,7 +520,7 @@ def test_killed_run_resumes_from_the_cached_artifacts(tiny_run):
                                                                        "diverse"))]
     # The per-row computations streamed into rows/<name>-<key>, keyed by what they read.
     streamed = sorted(f.split("-")[0] for f in os.listdir(workdir / "rows"))
-    assert streamed == sorted(["losses", *sim.EMBEDDINGS])
+    assert streamed == sorted(["losses", "encoder_inputs", *sim.EMBEDDINGS])
     kept += [workdir / "rows" / f / "manifest.json" for f in os.listdir(workdir / "rows")
              if not f.startswith("ngram_hash")]
     mtimes = [os.path.getmtime(p) for p in kept]

@@ -84,6 +84,12 @@ class Pool:
         # (original, copy) document ids of planted near-duplicates, over both splits.
         self.near_duplicates: np.ndarray = np.load(self.path.parent / "near_duplicates.npy")
 
+    @property
+    def key(self) -> str:
+        """`<pool folder>/<split>`: names this pool's content (the folder is keyed by its inputs),
+        for the keys of what is computed from it (`stream.Target`)."""
+        return f"{self.path.parent.name}/{self.path.name}"
+
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
@@ -125,6 +131,27 @@ class Pool:
         """`tokens` and `segments` [len(ids), L] int32 of rows `ids` (one fancy-indexed read)."""
         ids = np.asarray(ids)
         return {"tokens": np.asarray(self.tokens[ids]), "segments": np.asarray(self.segments[ids])}
+
+    def view(self, ids) -> dict[str, RowsView]:
+        """`tokens` and `segments` of rows `ids` as `RowsView`s: read only where indexed, so a
+        computation over many rows holds a batch of them at a time."""
+        return {"tokens": RowsView(self.tokens, ids), "segments": RowsView(self.segments, ids)}
+
+
+class RowsView:
+    """Rows `ids` of a (memory-mapped) `[N, L]` array, read when indexed: `view[idx]` is the
+    array's rows `ids[idx]`; `shape`, `ndim`, `dtype` and `len` are those of the selection."""
+
+    def __init__(self, array: np.ndarray, ids):
+        self.array, self.ids = array, np.asarray(ids, np.int64)
+        self.shape = (len(self.ids), *array.shape[1:])
+        self.ndim, self.dtype = array.ndim, array.dtype
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self.array[self.ids[idx]])
 
 
 def cache_root(data_config) -> Path:
