@@ -100,7 +100,9 @@ class _ArrayPool:
         return len(self.tokens)
 
     def rows(self, ids):
-        return {"tokens": np.asarray(self.tokens[ids]), "segments": np.asarray(self.segments[ids])}
+        from jaxsel import files
+        return {"tokens": files.read_rows(self.tokens, ids),
+                "segments": files.read_rows(self.segments, ids)}
 
 
 def _worker(args) -> None:

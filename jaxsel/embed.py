@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from jaxsel import stream
+from jaxsel import files, stream
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model import transformer
 
@@ -64,7 +64,6 @@ def chunk_rows(x_NxD) -> int:
     return max(1, CHUNK_BYTES // max(1, x_NxD[:1].nbytes))
 
 
-
 def _pool_rows(tokens_NxL, segments_NxL, vocab_size: int | None = None) -> tuple[Callable, int]:
     """(read(idx) -> (tokens, segments) of rows idx, N) over two `[N, L]` int arrays of one shape
     (numpy or memory-mapped: only the rows read are loaded). Each batch read is checked: a row
@@ -76,7 +75,7 @@ def _pool_rows(tokens_NxL, segments_NxL, vocab_size: int | None = None) -> tuple
             "arrays of one shape")
 
     def read(idx):
-        tokens_BxL, segments_BxL = np.asarray(tokens_NxL[idx]), np.asarray(segments_NxL[idx])
+        tokens_BxL, segments_BxL = (files.read_rows(x, idx) for x in (tokens_NxL, segments_NxL))
         real_BxL = segments_BxL != 0
         empty = np.unique(np.asarray(idx)[~real_BxL.any(axis=1)])
         if empty.size:

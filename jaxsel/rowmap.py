@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxsel import sharding
+from jaxsel import files, sharding
 
 # A pytree of [N, ...] arrays, or a callable read(idx_B) -> a pytree of [B, ...] arrays.
 Rows = Any
@@ -124,7 +124,7 @@ def reader(rows: Rows, num_rows: int | None) -> tuple[Callable, int]:
         num = shapes[0][0]
 
         def read(idx):
-            return jax.tree.map(lambda x: np.asarray(x[idx]), rows)
+            return jax.tree.map(lambda x: files.read_rows(x, idx), rows)
 
     if num < 1:
         raise ValueError(f"rows: {num} rows; nothing to map")

@@ -227,14 +227,14 @@ def _is_done(folder: str, chunk: int, arrays: dict, ids: np.ndarray) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     rows = slice(ids[0], ids[-1] + 1)
-    return all(crcs.get(name) == _crc(a[rows]) for name, a in arrays.items())
+    return all(crcs.get(name) == _crc(files.read_rows(a, rows)) for name, a in arrays.items())
 
 
 def _write(folder: str, chunk: int, arrays: dict, results: dict, ids: np.ndarray) -> None:
     """The chunk's rows into each array file (plain writes, flushed and synced: a full disk is
     an OSError, where a write through the memory map would be a crash), then its marker."""
-    rows = slice(ids[0], ids[-1] + 1)
     try:
+        crcs = {}
         for name, a in arrays.items():
             data = np.ascontiguousarray(results[name], a.dtype)
             with open(_array_path(folder, name), "r+b") as f:
@@ -242,7 +242,7 @@ def _write(folder: str, chunk: int, arrays: dict, results: dict, ids: np.ndarray
                 f.write(data.tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-        crcs = {name: _crc(a[rows]) for name, a in arrays.items()}
+            crcs[name] = _crc(data)
         with files.atomic_path(_done_path(folder, chunk)) as tmp, open(tmp, "w") as f:
             json.dump({"rows": [int(ids[0]), int(ids[-1]) + 1], "crc32": crcs}, f)
     except OSError as e:

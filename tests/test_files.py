@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from jaxsel import files
@@ -32,3 +33,28 @@ def test_a_folder_is_renamed_into_place_only_if_none_is_there(tmp_path):
         os.mkdir(tmp)
         (tmp_path / tmp / "b.npy").write_bytes(b"y")
     assert sorted(os.listdir(folder)) == ["a.npy"] and os.listdir(tmp_path) == ["pool"]
+
+
+def test_read_rows_equals_indexing_and_keeps_the_memory_map_unmapped(tmp_path):
+    """`read_rows` of a memory-mapped .npy gives what indexing gives (runs, repeats, any order,
+    negative ids, slices) without touching the mapping's pages; views and arrays are indexed."""
+    data = np.arange(50 * 3, dtype=np.int32).reshape(50, 3)
+    np.save(tmp_path / "a.npy", data)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for idx in (np.array([7, 8, 9, 2, 2, 49, 0, -1]), slice(10, 20), slice(None, None, 7),
+                np.array([], np.int64)):
+        np.testing.assert_array_equal(files.read_rows(mapped, idx), data[idx])
+        np.testing.assert_array_equal(files.read_rows(mapped[:, 1:], idx), data[:, 1:][idx])
+        np.testing.assert_array_equal(files.read_rows(data, idx), data[idx])
+    with pytest.raises(IndexError, match="out of range"):
+        files.read_rows(mapped, np.array([50]))
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", "w+", np.float32, (4096, 1024))
+    big[:] = 1.0
+    big.flush()
+    del big
+    big = np.load(tmp_path / "big.npy", mmap_mode="r")
+    files.read_rows(big, slice(None))  # 16 MB read; the mapping's pages are never touched.
+    with open("/proc/self/smaps") as f:
+        smaps = f.read()
+    entry = smaps[smaps.index(str(tmp_path / "big.npy")):].split("\nRss:")[1]
+    assert int(entry.split()[0]) == 0  # kB of the mapping resident in this process.

@@ -129,8 +129,8 @@ class Pool:
 
     def rows(self, ids) -> dict[str, np.ndarray]:
         """`tokens` and `segments` [len(ids), L] int32 of rows `ids` (one fancy-indexed read)."""
-        ids = np.asarray(ids)
-        return {"tokens": np.asarray(self.tokens[ids]), "segments": np.asarray(self.segments[ids])}
+        return {"tokens": files.read_rows(self.tokens, np.asarray(ids)),
+                "segments": files.read_rows(self.segments, np.asarray(ids))}
 
     def view(self, ids) -> dict[str, RowsView]:
         """`tokens` and `segments` of rows `ids` as `RowsView`s: read only where indexed, so a
@@ -151,7 +151,7 @@ class RowsView:
         return len(self.ids)
 
     def __getitem__(self, idx) -> np.ndarray:
-        return np.asarray(self.array[self.ids[idx]])
+        return files.read_rows(self.array, self.ids[idx])
 
 
 def cache_root(data_config) -> Path:
