@@ -135,8 +135,7 @@ def main() -> None:
         device_batches, documents_per_row = [], 0
         for _ in range(4):
             rows = next(batches)
-            documents_per_row = max(documents_per_row, int(
-                1 + (rows["segments"][:, 1:] != rows["segments"][:, :-1]).sum(1).max()))
+            documents_per_row = max(documents_per_row, attention.most_runs(rows["segments"]))
             if implementation == "cudnn":
                 attention.check_runs(rows["segments"], cfg.max_segments)
             device_batches.append(sharding.global_batch(

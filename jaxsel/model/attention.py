@@ -90,10 +90,15 @@ def packed_offsets(segments_BxL: Array, max_runs: int) -> tuple[Array, Array, Ar
     return lengths.astype(jnp.int32), starts.astype(jnp.int32), runs_B > max_runs
 
 
+def most_runs(segments_BxL) -> int:
+    """The most runs of equal segment ids in a row of the batch (on the host)."""
+    segments_BxL = np.asarray(segments_BxL)
+    return 1 + int((segments_BxL[:, 1:] != segments_BxL[:, :-1]).sum(axis=1).max(initial=0))
+
+
 def check_runs(segments_BxL, max_runs: int) -> None:
     """Refuses (on the host) a batch with a row of more than `max_runs` runs, for `cudnn`."""
-    segments_BxL = np.asarray(segments_BxL)
-    runs = 1 + (segments_BxL[:, 1:] != segments_BxL[:, :-1]).sum(axis=1).max(initial=0)
+    runs = most_runs(segments_BxL)
     if runs > max_runs:
         raise ValueError(f"a row holds {runs} documents (padding counted as one), more than "
                          f"model.max_segments={max_runs} that cuDNN attention is compiled for; "
