@@ -30,8 +30,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                  max_seq_len=256, matmul="row_major", scan_unroll=0),
     # Pythia-160M / 410M / 1B shapes (as in MATES); GELU MLP, untied embeddings like Pythia.
     # Mixed precision on accelerators: bfloat16 compute, float32 params and optimizer state;
-    # logits are cast to float32 before the softmax and the loss. Blocks keep their matmul
-    # outputs for the backward pass and recompute the rest (the fastest on an H200).
+    # the loss takes the logits to float32 inside its softmax (`jaxsel.loss.cross_entropy`).
+    # Blocks keep their matmul outputs for the backward pass and recompute the rest (the fastest
+    # on an H200).
     "small": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, vocab_size=50304,
                   max_seq_len=2048, mlp="gelu", tie_embeddings=False, dtype="bfloat16",
                   remat="dots_saveable"),

@@ -1,7 +1,7 @@
 """Next-token losses over packed sequences.
 
 A position predicts the next token only when both belong to the same (non-padding) document, so no
-loss crosses a document boundary. Losses are computed in float32.
+loss crosses a document boundary. Losses are computed in float32 from logits of any dtype.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 Array = jax.Array
 Batch = dict[str, Array]  # tokens [B, L] int32, segments [B, L] int32 (0 = padding)
@@ -25,12 +24,42 @@ def next_token_targets(tokens_BxL: Array, segments_BxL: Array) -> tuple[Array, A
     return targets_BxL, mask_BxL
 
 
+@jax.custom_vjp
+def cross_entropy(logits_BxLxV: Array, targets_BxL: Array) -> Array:
+    """`logsumexp(logits) - logits[target]` in float32, [B, L], from logits of any dtype.
+
+    The same values as `optax.softmax_cross_entropy_with_integer_labels` on the float32 logits.
+    Its backward pass keeps only the logits (in their own dtype) and the float32 log-normalisers,
+    and writes the logits' gradient `(softmax - one_hot) * g` in the logits' dtype in one pass:
+    under bfloat16 no float32 copy of the [B, L, V] logits is kept or written (autodiff of the
+    plain expression spent 13 ms of a 410m step on an H200 on such copies). Reverse mode only.
+    """
+    return _cross_entropy_fwd(logits_BxLxV, targets_BxL)[0]
+
+
+def _cross_entropy_fwd(logits_BxLxV, targets_BxL):
+    logits = logits_BxLxV.astype(jnp.float32)
+    log_norm_BxL = jax.nn.logsumexp(logits, axis=-1)
+    target_logits_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    return log_norm_BxL - target_logits_BxL, (logits_BxLxV, targets_BxL, log_norm_BxL)
+
+
+def _cross_entropy_bwd(residuals, g_BxL):
+    logits_BxLxV, targets_BxL, log_norm_BxL = residuals
+    probs = jnp.exp(logits_BxLxV.astype(jnp.float32) - log_norm_BxL[..., None])
+    one_hot = jnp.arange(logits_BxLxV.shape[-1]) == targets_BxL[..., None]
+    grad = (probs - one_hot) * g_BxL[..., None]
+    return grad.astype(logits_BxLxV.dtype), None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def token_losses(logits_BxLxV: Array, tokens_BxL: Array, segments_BxL: Array
                  ) -> tuple[Array, Array]:
     """Cross-entropy of each next-token prediction (0 where masked) and the float mask."""
     targets_BxL, mask_BxL = next_token_targets(tokens_BxL, segments_BxL)
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV.astype(jnp.float32), targets_BxL)
+    losses = cross_entropy(logits_BxLxV, targets_BxL)
     mask_BxL = mask_BxL.astype(jnp.float32)
     return losses * mask_BxL, mask_BxL
 
@@ -45,11 +74,11 @@ def losses_at(model: nn.Module, params, tokens_BxL: Array, segments_BxL: Array,
     `next_token_targets`). What reference losses, cloze and multiple-choice evals read.
     """
     logits_BxKxV = model.apply(params, tokens_BxL, segments_BxL,
-                               logit_positions_BxK=positions_BxK).astype(jnp.float32)
+                               logit_positions_BxK=positions_BxK)
     targets_BxL, mask_BxL = next_token_targets(tokens_BxL, segments_BxL)
     targets_BxK, mask_BxK = (jnp.take_along_axis(x, positions_BxK, axis=1)
                              for x in (targets_BxL, mask_BxL))
-    losses_BxK = optax.softmax_cross_entropy_with_integer_labels(logits_BxKxV, targets_BxK)
+    losses_BxK = cross_entropy(logits_BxKxV, targets_BxK)
     correct_BxK = jnp.argmax(logits_BxKxV, axis=-1) == targets_BxK
     return losses_BxK * mask_BxK, correct_BxK, mask_BxK
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxsel import config as config_lib
@@ -83,6 +84,29 @@ def test_loss_ignores_padding_and_cross_document_pairs():
     np.testing.assert_array_equal(mask[0], [True, False, True, True, False, False])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_equals_optax_in_value_and_gradient(dtype):
+    """`loss.cross_entropy` (its own backward pass, gradient in the logits' dtype) against optax's
+    cross-entropy on the same logits taken to float32, differentiated by autodiff."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(0, 3, (3, 5, 37)), dtype)
+    targets = jnp.asarray(rng.integers(0, 37, (3, 5)), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0, 1, (3, 5)), jnp.float32)
+
+    def reference(x):
+        return optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), targets)
+
+    ours, theirs = loss.cross_entropy(logits, targets), reference(logits)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    grad, reference_grad = (jax.grad(lambda x, f=f: (f(x) * weights).sum())(logits)
+                            for f in (lambda x: loss.cross_entropy(x, targets), reference))
+    assert grad.dtype == dtype
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(grad, np.float32),
+                               np.asarray(reference_grad, np.float32), atol=tolerance)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_schedules_closed_form(schedule):
     optim = config_lib.base_config("tiny").optim
@@ -145,7 +169,8 @@ def test_continue_from_carries_params_optimizer_and_step(tmp_path):
 
 def test_mixed_precision_keeps_params_optimizer_and_loss_in_float32():
     """The accelerator presets compute in bfloat16 with float32 params, optimizer state and
-    loss; a bfloat16 model's loss stays near the float32 model's on the same params."""
+    loss (the logits stay bfloat16); a bfloat16 model's loss stays near the float32 model's on
+    the same params."""
     for preset in ("small", "410m", "1b"):
         assert config_lib.base_config(preset).model.dtype == "bfloat16"
     assert config_lib.base_config("tiny").model.dtype == "float32"
@@ -157,7 +182,7 @@ def test_mixed_precision_keeps_params_optimizer_and_loss_in_float32():
     config.model.dtype = "bfloat16"
     bf16 = train.Trainer(config)
     logits = bf16.model.apply(params, batch["tokens"], batch["segments"])
-    assert logits.dtype == jnp.float32
+    assert logits.dtype == jnp.bfloat16
     state, metrics = bf16.train_step(bf16.new_state(params), batch)
     dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
               if jnp.issubdtype(x.dtype, jnp.floating)}
