@@ -27,7 +27,6 @@ def main(argv):
     workdirs = WORKDIRS.value
     result = aggregate.aggregate(aggregate.load_runs(workdirs), BASELINE.value,
                                  tuple(MATCH.value))
-    os.makedirs(OUT.value, exist_ok=True)
     report.write_json(os.path.join(OUT.value, "aggregate.json"),
                       {"workdirs": workdirs, "numbers": result})
     report.write_text(os.path.join(OUT.value, "aggregate.md"),

@@ -36,7 +36,18 @@ import ml_collections
 import numpy as np
 from absl import app, logging
 
-from jaxsel import composition, figures, launch, mates, report, runs, select, selectors, train
+from jaxsel import (
+    composition,
+    figures,
+    files,
+    launch,
+    mates,
+    report,
+    runs,
+    select,
+    selectors,
+    train,
+)
 from jaxsel import config as config_lib
 
 _SPLIT, _SELECT = 0, 1  # Random streams of config.seed (selectors.py has its own).
@@ -152,7 +163,7 @@ class Experiment:
     def selection(self, name: str) -> select.Selection:
         """The selector's `select_size` candidates (pool ids), saved once."""
         path = os.path.join(self.workdir, "arms", name, "selection.json")
-        if os.path.exists(path):
+        if files.path(path).exists():
             return select.Selection.load(path)
         logging.info("selecting %d of %d candidates: %s", self.config.compare.select_size,
                      len(self.ids["candidates"]), name)
@@ -160,7 +171,6 @@ class Experiment:
                                 config_lib.stream_seed(self.config.seed, _SELECT,
                                                        selectors.NAMES.index(name)))
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             chosen.save(path)
         return chosen
 

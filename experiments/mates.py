@@ -42,7 +42,19 @@ import numpy as np
 from absl import app, logging
 from matplotlib.figure import Figure
 
-from jaxsel import composition, embed, launch, mates, probe, report, runs, select, stream, train
+from jaxsel import (
+    composition,
+    embed,
+    files,
+    launch,
+    mates,
+    probe,
+    report,
+    runs,
+    select,
+    stream,
+    train,
+)
 from jaxsel import config as config_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from jaxsel.model import encoder as encoder_lib
@@ -184,7 +196,7 @@ class Experiment:
     def selection(self, arm: str, stage: int) -> select.Selection:
         """The stage's selection (pool ids), saved in its folder once."""
         path = os.path.join(stage_dir(self.workdir, arm, stage), "selection.json")
-        if os.path.exists(path):
+        if files.path(path).exists():
             return select.Selection.load(path)
         candidates, params = self.candidates[stage], {}
         if arm == "mates" and stage > 0:
@@ -199,7 +211,6 @@ class Experiment:
         selection = select.Selection(candidates[chosen.ids], chosen.method, len(self.pool),
                                      {**chosen.params, **params, "stage": stage}, chosen.scores)
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             selection.save(path)
         return selection
 

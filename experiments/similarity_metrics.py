@@ -63,6 +63,7 @@ from jaxsel import (
     checkpoint,
     cluster,
     embed,
+    files,
     launch,
     probe,
     report,
@@ -134,7 +135,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
               f"{key}.init_from)")
         check(m.steps >= 1, f"{key}.steps", f"must be >= 1, got {m.steps}")
         check(m.seed >= 0, f"{key}.seed", f"must be >= 0, got {m.seed}")
-        check(not m.init_from or os.path.isdir(os.path.join(m.init_from, "checkpoints")),
+        check(not m.init_from or (files.path(m.init_from) / "checkpoints").is_dir(),
               f"{key}.init_from", f"{m.init_from!r} is not a run folder with checkpoints/")
     fractions = s.loss_model.fraction + s.embedding_model.fraction
     check(fractions < 1, "similarity.embedding_model.fraction",
@@ -252,9 +253,9 @@ class Experiment:
             seed = None
             config_path = os.path.join(m.init_from, "config.json")
             model_path = os.path.join(m.init_from, runs.MODEL_FILE)
-            if os.path.exists(config_path):
+            if files.path(config_path).exists():
                 seed = report.read_json(config_path).get("seed")
-            elif os.path.exists(model_path):
+            elif files.path(model_path).exists():
                 seed = report.read_json(model_path)["identity"]["seed"]
             mngr = checkpoint.manager(m.init_from, read_only=True)
             steps = mngr.latest_step()
@@ -383,7 +384,7 @@ class Experiment:
     def selection(self, arm: str) -> select.Selection:
         """The arm's selection of `select_size` candidates (pool ids), saved once."""
         path = self.path("arms", arm, "selection.json")
-        if os.path.exists(path):
+        if files.path(path).exists():
             return select.Selection.load(path)
         s, candidates = self.config.similarity, self.ids["candidates"]
         seed = config_lib.stream_seed(self.config.seed, _SELECT, ARMS.index(arm))
@@ -402,7 +403,6 @@ class Experiment:
                                      {**chosen.params, **params, "candidates": len(candidates)},
                                      chosen.scores)
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             selection.save(path)
         return selection
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from jaxsel import report, stats
+from jaxsel import files, report, stats
 
 
 def numbers(tree, prefix: str = "") -> dict[str, float]:
@@ -38,7 +38,7 @@ def load_runs(workdirs: list[str]) -> list[dict]:
     configs, reports = [], []
     for workdir in workdirs:
         for name in ("config.json", "report.json"):
-            if not os.path.exists(os.path.join(workdir, name)):
+            if not files.path(os.path.join(workdir, name)).exists():
                 raise ValueError(f"workdirs: {workdir} has no {name} (not a finished run)")
         configs.append(report.read_json(os.path.join(workdir, "config.json")))
         reports.append(report.read_json(os.path.join(workdir, "report.json")))

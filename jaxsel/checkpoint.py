@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxsel import files
+
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -25,7 +27,8 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
     # Handlers named up front, so a fresh manager can read an item's metadata before restoring.
     handlers = {"params": ocp.StandardCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    folder = files.path(workdir) / "checkpoints"
+    return ocp.CheckpointManager(folder if files.is_remote(workdir) else folder.absolute(),
                                  options=options, item_handlers=handlers)
 
 

@@ -23,7 +23,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxsel import aggregate, figures, report, sharding
+from jaxsel import aggregate, figures, files, report, sharding
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
 
@@ -77,7 +77,7 @@ def start() -> tuple[ml_collections.ConfigDict, str]:
     config = CONFIG.value
     if jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir",
-                          str(pool_lib.cache_root(config.data) / "xla"))
+                          os.path.join(pool_lib.cache_root(config.data), "xla"))
     return config, WORKDIR.value
 
 
@@ -181,6 +181,7 @@ def main(study: Study) -> dict:
         sys.exit(f"error: {e}")
     if study.headline and jax.process_index() == 0:
         print(headline_table(study.headline, numbers))
-    files = sorted(f for f in os.listdir(workdir) if f.endswith((".md", ".png")))
-    print("\n".join(os.path.join(workdir, f) for f in files))
+    written = sorted(f.name for f in files.path(workdir).iterdir()
+                     if f.name.endswith((".md", ".png")))
+    print("\n".join(os.path.join(workdir, f) for f in written))
     return numbers

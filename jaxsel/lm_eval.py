@@ -33,7 +33,6 @@ every unfinished one (no KV cache: each step reads the last `max_length` tokens 
 from __future__ import annotations
 
 import functools
-import glob
 import logging
 import os
 import sys
@@ -44,7 +43,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxsel import checkpoint, evaluate, report, rowmap, runs, sharding, train
+from jaxsel import checkpoint, evaluate, files, report, rowmap, runs, sharding, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
 from jaxsel.data import tokenizer as tokenizer_lib
@@ -77,8 +76,9 @@ def load(workdir: str, tokenizer: str | None = None, step: int | None = None):
     try:
         params = checkpoint.load_params(workdir, trainer.abstract_params(), step)
     except FileNotFoundError:
-        models = sorted(glob.glob(os.path.join(workdir, "models", "*", runs.MODEL_FILE)))
-        hint = "".join(f"; a model of this run: workdir={os.path.dirname(m)}" for m in models[:5])
+        models = sorted(str(m.parent) for m in
+                        files.path(workdir).glob(f"models/*/{runs.MODEL_FILE}"))
+        hint = "".join(f"; a model of this run: workdir={m}" for m in models[:5])
         raise FileNotFoundError(f"workdir={workdir}: no params (no checkpoint"
                                 f"{'' if step is None else f' at step {step}'} under "
                                 f"{os.path.join(workdir, 'checkpoints')}){hint}") from None
@@ -95,14 +95,15 @@ def _config(workdir: str) -> tuple[ml_collections.ConfigDict, str | None]:
     run's config.json, or a model's model.json (its identity: model, optimizer, sequence length
     and pool; the data settings of the run it lies in, `<run>/models/<key>`, where there is one)."""
     run_json, model_json = (os.path.join(workdir, f) for f in ("config.json", runs.MODEL_FILE))
-    if os.path.isfile(run_json):
+    if files.path(run_json).is_file():
         return ml_collections.ConfigDict(report.read_json(run_json)), None
-    if not os.path.isfile(model_json):
+    if not files.path(model_json).is_file():
         raise FileNotFoundError(f"workdir={workdir}: neither a run's folder (config.json) nor a "
                                 f"model pool folder ({runs.MODEL_FILE})")
     identity = report.read_json(model_json)["identity"]
-    parent = os.path.join(workdir, os.pardir, os.pardir, "config.json")
-    config = (ml_collections.ConfigDict(report.read_json(parent)) if os.path.isfile(parent)
+    parent = os.path.join(os.path.dirname(os.path.dirname(os.fspath(workdir).rstrip("/"))),
+                          "config.json")
+    config = (ml_collections.ConfigDict(report.read_json(parent)) if files.path(parent).is_file()
               else config_lib.base_config())
     config.model = ml_collections.ConfigDict(identity["model"])
     config.optim = ml_collections.ConfigDict(identity["optim"])
@@ -116,12 +117,13 @@ def _pool_tokenizer(workdir: str, config, pool_name: str | None) -> str:
     tried = []
     try:
         name = pool_name or f"{config.data.source}-{pool_lib.pool_key(config)}"
-        tried.append(str(pool_lib.cache_root(config.data) / "pools" / name / "tokenizer.json"))
+        tried.append(os.path.join(pool_lib.cache_root(config.data), "pools", name,
+                                  "tokenizer.json"))
     except (OSError, ValueError) as e:  # E.g. the source's files are gone.
         tried.append(f"the pool ({e})")
     tried += [config.data.tokenizer] if config.data.tokenizer else []
     for path in tried:
-        if os.path.isfile(path):
+        if files.path(path).is_file():
             return path
     raise FileNotFoundError(f"workdir={workdir}: no tokenizer (tried {', '.join(tried)}); pass "
                             "the model arg tokenizer=PATH/tokenizer.json")

@@ -92,11 +92,7 @@ def predicted_influence(folder: str, section: ml_collections.ConfigDict, prober:
 
     params_path = os.path.join(folder, "influence_model.msgpack")
     fit = report.cached_json(os.path.join(folder, "influence_model.json"), fitted)
-    if fitted_params:
-        params_bytes = fitted_params[0]
-    else:
-        with open(params_path, "rb") as f:
-            params_bytes = f.read()
+    params_bytes = fitted_params[0] if fitted_params else files.path(params_path).read_bytes()
 
     def predictions():
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """What every experiment writes into its workdir: config.json, report.json, report.md, figures.
 
-Files are written atomically (`files.atomic_path`), so a killed run never leaves half a result.
+Files are written atomically (`files.atomic_path`), so a killed run never leaves half a result;
+the workdir may be local or remote (`gs://`, through `etils.epath`).
 A workdir belongs to one config: running again with the same config resumes, with another config
 it stops and names the keys that differ, and a finished run (report.json present) is not redone.
 """
@@ -53,8 +54,8 @@ def write_npz(path: str, **arrays) -> None:
 def cached_npz(path: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
     """The arrays saved at `path`, or those of `compute()`, saved there first by process 0: an
     artifact of a resumable run, computed once."""
-    if os.path.exists(path):
-        with np.load(path) as saved:
+    if files.path(path).exists():
+        with files.path(path).open("rb") as f, np.load(f) as saved:
             return dict(saved)
     arrays = compute()
     if jax.process_index() == 0:
@@ -65,7 +66,7 @@ def cached_npz(path: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
 def cached_json(path: str, compute: Callable[[], dict]) -> dict:
     """The JSON object saved at `path`, or `compute()`'s, saved there by process 0: a finished
     step of a resumable run, e.g. a trained model's record."""
-    if os.path.exists(path):
+    if files.path(path).exists():
         return read_json(path)
     obj = compute()
     if jax.process_index() == 0:
@@ -80,13 +81,12 @@ def write_figure(path: str, figure) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(files.path(path).read_text())
 
 
 def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in files.path(path).read_text().splitlines()
+            if line.strip()]
 
 
 def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
@@ -95,13 +95,14 @@ def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None
     A ConfigError names `--workdir` if it is a file, or holds a run of another config (naming
     the differing keys).
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    folder = files.path(workdir)
+    if folder.exists() and not folder.is_dir():
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder; name a "
                                      "folder (it is created if missing)")
-    os.makedirs(workdir, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
+    if files.path(path).exists():
         previous = read_json(path)
         diff = sorted(config_diff(previous, resolved))
         if diff:
@@ -111,7 +112,7 @@ def open_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict | None
     else:
         write_json(path, resolved)
     report = os.path.join(workdir, "report.json")
-    return read_json(report) if os.path.exists(report) else None
+    return read_json(report) if files.path(report).exists() else None
 
 
 def config_diff(a, b, prefix: str = "") -> list[str]:

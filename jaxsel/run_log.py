@@ -8,6 +8,8 @@ of chosen steps, the parameter count and each device's peak memory.
   its rows.
 - `Profile(workdir, steps)`: with `train.profile_steps = (A, B)`, a `jax.profiler` trace of
   steps A..B in `<workdir>/profile`.
+- A remote workdir (`gs://`): both are written into its local `files.scratch` and uploaded, the
+  events after every row, the trace when it ends.
 - `log_model_and_memory(params)`: the parameter count and every local device's peak memory
   (where the backend reports it), logged once.
 """
@@ -20,6 +22,7 @@ import jax
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from jaxsel import files
 from jaxsel.model import transformer
 
 TRAIN_KEYS = ("loss", "grad_norm", "lr", "steps_per_s", "tokens_per_s")
@@ -30,8 +33,9 @@ class Events:
 
     def __init__(self, workdir: str, start_step: int):
         self.writer = None
-        if jax.process_index() == 0:
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+        self.folder = os.path.join(workdir, "tensorboard")
+        if jax.process_index() == 0:  # A new event file; its purge step hides later steps' events.
+            self.writer = SummaryWriter(files.scratch(self.folder),
                                         purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict) -> None:
@@ -44,10 +48,14 @@ class Events:
         for key, value in _flat(row.get("eval") or {}).items():
             self.writer.add_scalar(f"eval/{key}", value, row["step"])
         self.writer.flush()
+        if files.is_remote(self.folder):
+            files.upload(files.scratch(self.folder), self.folder)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            if files.is_remote(self.folder):
+                files.upload(files.scratch(self.folder), self.folder)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, float]:
@@ -71,20 +79,21 @@ class Profile:
 
     def before(self, step: int) -> None:
         if step == self.first:
-            jax.profiler.start_trace(self.folder)
+            jax.profiler.start_trace(files.scratch(self.folder))
             self.active = True
 
     def after(self, step: int, state) -> None:
         if self.active and step == self.last:
             jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-            self.active = False
+            self.close()
             logging.info("profile of steps %d-%d in %s", self.first, self.last, self.folder)
 
     def close(self) -> None:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if files.is_remote(self.folder):
+                files.upload(files.scratch(self.folder), self.folder)
 
 
 def log_model_and_memory(params) -> dict:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxsel import checkpoint, downstream, evaluate, probe, report, train
+from jaxsel import checkpoint, downstream, evaluate, files, probe, report, train
 from jaxsel import roles as roles_lib
 from jaxsel.data import pipeline
 from jaxsel.data import pool as pool_lib
@@ -139,7 +139,7 @@ def model_identity(config: ml_collections.ConfigDict, data: Data, ids: np.ndarra
     origin = config.continue_from or config.init_from
     if parent is None and origin:  # Another run's model, by its folder.
         start = "continue" if config.continue_from else "init"
-        origin = os.path.abspath(origin)
+        origin = origin if files.is_remote(origin) else os.path.abspath(origin)
     elif parent is not None:
         start = "continue" if config.continue_from else "init"
         if parent["dir"] not in (config.continue_from, config.init_from):
@@ -167,7 +167,7 @@ def model(config: ml_collections.ConfigDict, data: Data, ids: np.ndarray, *, poo
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     folder = os.path.join(pool, key)
     done = os.path.join(folder, MODEL_FILE)
-    reused = os.path.exists(done)
+    reused = files.path(done).exists()
 
     def train_fn():
         logging.info("model %s: %d steps on %d sequences in %s", name,

@@ -26,8 +26,14 @@ stops with a message naming the file and chunk; the chunks already done stay int
 Processes: chunk c belongs to process c % P. Without a mesh, each process computes and writes
 its own chunks alone (data parallel, every process holding the parameters). On a mesh every
 computation spans all processes, so all of them compute every missing chunk together and its
-owner writes it. Either way the arrays equal one process's. `folder` must be visible to every
-process (one machine, or a shared file system); the result is returned to every process.
+owner writes it. Either way the arrays equal one process's. A local `folder` must be visible
+to every process (one machine, or a shared file system); the result is returned to every process.
+
+A remote `folder` (`gs://`, through `etils.epath`): it holds the manifest, the markers and each
+chunk's bytes (`chunks/<chunk>/<name>.bin`, uploaded before the chunk's marker); the arrays are
+memory-mapped in a local folder of each process (`files.scratch`), which takes every chunk it
+lacks from the remote folder (checked against its marker's CRCs). So a run resumes on another
+machine, and processes on hosts without a shared disk end with the same arrays.
 
 Progress (rows/s and an ETA) is shown on process 0.
 """
@@ -38,6 +44,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +59,7 @@ from jaxsel import files, rowmap
 
 MANIFEST = "manifest.json"
 DONE = "done"
+CHUNKS = "chunks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +134,11 @@ def stream_rows(fn: Callable, rows: rowmap.Rows, folder: str | os.PathLike, inpu
             _create(folder, {**manifest, "results": layout}, num)
         _sync("stream manifest " + folder)
         layout = _read_manifest(folder)["results"]
-    arrays = {name: np.load(_array_path(folder, name), mmap_mode="r") for name in layout}
-    done = [c for c in range(num_chunks) if _is_done(folder, c, arrays, chunk_ids(c))]
+    local = _local_folder(folder, {**manifest, "results": layout}, num)
+    arrays = {name: np.load(_array_path(local, name), mmap_mode="r") for name in layout}
+    is_done = (lambda c: _is_done(local, c, arrays, chunk_ids(c))
+               or _fetch(folder, local, c, arrays, chunk_ids(c)))
+    done = [c for c in range(num_chunks) if is_done(c)]
     missing = [c for c in range(num_chunks) if c not in set(done)]
     _sync("stream done " + folder)  # Every process has read the same markers.
     with tqdm(total=num, initial=sum(chunk_ids(c).size for c in done), desc=desc, unit="row",
@@ -137,11 +148,13 @@ def stream_rows(fn: Callable, rows: rowmap.Rows, folder: str | os.PathLike, inpu
                 continue
             results = first if (c == 0 and first is not None) else compute(c)
             if _owner(c):
-                _write(folder, c, arrays, _flat(results), chunk_ids(c))
+                _write(folder, local, c, arrays, _flat(results), chunk_ids(c))
             bar.update(chunk_ids(c).size)
-    del arrays
     _sync("stream finished " + folder)
-    return _unflatten({name: np.load(_array_path(folder, name), mmap_mode="r")
+    lacking = [c for c in missing if not is_done(c)]  # Other hosts' chunks of a remote folder.
+    if lacking:
+        raise RuntimeError(f"chunks {lacking[:5]} of {folder} were not written by their owners")
+    return _unflatten({name: np.load(_array_path(local, name), mmap_mode="r")
                        for name in layout})
 
 
@@ -166,12 +179,13 @@ def _done_path(folder: str, chunk: int) -> str:
     return os.path.join(folder, DONE, f"{chunk:08d}.json")
 
 
+def _chunk_path(folder: str, chunk: int, name: str) -> str:
+    return os.path.join(folder, CHUNKS, f"{chunk:08d}", f"{name}.bin")
+
+
 def _read_manifest(folder: str) -> dict | None:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = files.path(os.path.join(folder, MANIFEST))
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _check_same(existing: dict, manifest: dict, folder: str) -> None:
@@ -202,14 +216,33 @@ def _layout(results) -> dict:
 
 
 def _create(folder: str, manifest: dict, num: int) -> None:
-    """The arrays (sparse, unwritten) and then the manifest, each atomically."""
+    """The arrays (sparse, unwritten; a local folder only) and then the manifest, atomically."""
+    if not files.is_remote(folder):
+        _create_arrays(folder, manifest, num)
+    with files.atomic_path(os.path.join(folder, MANIFEST)) as tmp, open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def _local_folder(folder: str, manifest: dict, num: int) -> str:
+    """Where the arrays are memory-mapped: a local `folder` itself; for a remote one, this
+    process's scratch folder, (re)created empty unless it holds the same manifest."""
+    if not files.is_remote(folder):
+        return folder
+    local = f"{files.scratch(folder)}-process{jax.process_index()}"
+    if _read_manifest(local) != json.loads(json.dumps(manifest)):
+        shutil.rmtree(local, ignore_errors=True)
+        _create_arrays(local, manifest, num)
+        with files.atomic_path(os.path.join(local, MANIFEST)) as tmp, open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+    return local
+
+
+def _create_arrays(folder: str, manifest: dict, num: int) -> None:
     os.makedirs(os.path.join(folder, DONE), exist_ok=True)
     for name, spec in manifest["results"].items():
         with files.atomic_path(_array_path(folder, name)) as tmp:
             np.lib.format.open_memmap(tmp, "w+", np.dtype(spec["dtype"]),
                                       (num, *spec["shape"])).flush()
-    with files.atomic_path(os.path.join(folder, MANIFEST)) as tmp, open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
 
 
 def _crc(array: np.ndarray) -> int:
@@ -230,25 +263,65 @@ def _is_done(folder: str, chunk: int, arrays: dict, ids: np.ndarray) -> bool:
     return all(crcs.get(name) == _crc(files.read_rows(a, rows)) for name, a in arrays.items())
 
 
-def _write(folder: str, chunk: int, arrays: dict, results: dict, ids: np.ndarray) -> None:
-    """The chunk's rows into each array file (plain writes, flushed and synced: a full disk is
-    an OSError, where a write through the memory map would be a crash), then its marker."""
+def _write(folder: str, local: str, chunk: int, arrays: dict, results: dict,
+           ids: np.ndarray) -> None:
+    """The chunk's rows into each array file, then its marker (`_store`); for a remote
+    `folder`, its bytes and then its marker there too."""
+    data = {name: np.ascontiguousarray(results[name], a.dtype).tobytes()
+            for name, a in arrays.items()}
+    marker = _store(local, chunk, arrays, data, ids)
+    if not files.is_remote(folder):
+        return
     try:
-        crcs = {}
+        for name, chunk_bytes in data.items():
+            path = files.path(_chunk_path(folder, chunk, name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(chunk_bytes)
+        with files.atomic_path(_done_path(folder, chunk)) as tmp, open(tmp, "w") as f:
+            json.dump(marker, f)
+    except OSError as e:
+        raise OSError(f"uploading chunk {chunk} (rows {ids[0]}-{ids[-1]}) to {folder} failed: "
+                      f"{e}. The chunks already there are intact; run again to resume.") from e
+
+
+def _fetch(folder: str, local: str, chunk: int, arrays: dict, ids: np.ndarray) -> bool:
+    """A remote `folder`'s chunk into the local arrays, if its marker is there and its bytes
+    match the marker's CRCs; whether it was."""
+    if not files.is_remote(folder) or not files.path(_done_path(folder, chunk)).exists():
+        return False
+    try:
+        crcs = json.loads(files.path(_done_path(folder, chunk)).read_text())["crc32"]
+        data = {name: files.path(_chunk_path(folder, chunk, name)).read_bytes()
+                for name in arrays}
+    except (OSError, ValueError, KeyError):
+        return False
+    if any(zlib.crc32(data[name]) != crcs.get(name) for name in arrays):
+        return False
+    _store(local, chunk, arrays, data, ids)
+    return True
+
+
+def _store(folder: str, chunk: int, arrays: dict, data: dict[str, bytes],
+           ids: np.ndarray) -> dict:
+    """Each result's bytes of the chunk into its array file in the local `folder` (plain writes,
+    flushed and synced: a full disk is an OSError, where a write through the memory map would
+    be a crash), then the chunk's marker; returns the marker."""
+    try:
         for name, a in arrays.items():
-            data = np.ascontiguousarray(results[name], a.dtype)
             with open(_array_path(folder, name), "r+b") as f:
                 f.seek(a.offset + int(ids[0]) * a[0].nbytes)
-                f.write(data.tobytes())
+                f.write(data[name])
                 f.flush()
                 os.fsync(f.fileno())
-            crcs[name] = _crc(data)
+        marker = {"rows": [int(ids[0]), int(ids[-1]) + 1],
+                  "crc32": {name: zlib.crc32(chunk_bytes) for name, chunk_bytes in data.items()}}
         with files.atomic_path(_done_path(folder, chunk)) as tmp, open(tmp, "w") as f:
-            json.dump({"rows": [int(ids[0]), int(ids[-1]) + 1], "crc32": crcs}, f)
+            json.dump(marker, f)
     except OSError as e:
         raise OSError(f"writing chunk {chunk} (rows {ids[0]}-{ids[-1]}) into {folder} failed: "
                       f"{e}. The chunks already done are intact; free space and run again to "
                       f"resume.") from e
+    return marker
 
 
 # ------------------------------------------------------------------------------------------------

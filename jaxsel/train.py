@@ -221,8 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict]
         if eval_now and evaluate_fn is not None:
             row["eval"] = evaluate_fn(state.params, step)
         if jax.process_index() == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            files.append_text(metrics_path, json.dumps(row) + "\n")
         events.write(row)
         if log_now:
             eta = (end - step) / max(steps_per_s, 1e-9)
@@ -291,10 +290,9 @@ def _drop_bad_checkpoints(mngr, bad_step: int) -> None:
 
 def _truncate_metrics(path: str, step: int) -> None:
     """Drops rows logged after `step` (a resumed run will log them again)."""
-    if not os.path.exists(path):
+    if not files.path(path).exists():
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    rows = [json.dumps(row) + "\n" for row in report.read_jsonl(path) if row["step"] <= step]
     with files.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(rows)
 

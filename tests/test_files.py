@@ -58,3 +58,44 @@ def test_read_rows_equals_indexing_and_keeps_the_memory_map_unmapped(tmp_path):
         smaps = f.read()
     entry = smaps[smaps.index(str(tmp_path / "big.npy")):].split("\nRss:")[1]
     assert int(entry.split()[0]) == 0  # kB of the mapping resident in this process.
+
+
+def test_remote_files_land_whole_and_remote_folders_are_mirrored_once_complete(tmp_path, bucket,
+                                                                               monkeypatch):
+    """On `gs://` (an in-memory bucket): a file is uploaded when its block ends, never when it
+    fails; a folder is uploaded with `COMPLETE` last, refused once complete, kept as its local
+    mirror, and downloaded whole into a fresh scratch; appending rewrites the object."""
+    path = "gs://bucket/run/result.json"
+    with files.atomic_path(path) as tmp:
+        assert not files.is_remote(tmp) and tmp.endswith(".json")
+        with open(tmp, "w") as f:
+            f.write("old")
+    with pytest.raises(RuntimeError), files.atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("killed mid-write")
+    assert files.path(path).read_text() == "old"
+    files.append_text("gs://bucket/run/metrics.jsonl", "1\n")
+    files.append_text("gs://bucket/run/metrics.jsonl", "2\n")
+    assert files.path("gs://bucket/run/metrics.jsonl").read_text() == "1\n2\n"
+
+    folder = "gs://bucket/cache/pool"
+    assert not files.is_complete(folder)
+    with files.atomic_path(folder) as tmp:
+        os.makedirs(os.path.join(tmp, "train"))
+        with open(os.path.join(tmp, "train", "a.bin"), "wb") as f:
+            f.write(b"abc")
+    assert files.is_complete(folder)
+    assert sorted(k for k in bucket if k.startswith("bucket/cache/")) == [
+        "bucket/cache/pool/COMPLETE", "bucket/cache/pool/train/a.bin"]
+    assert files.mirror(folder) == files.scratch(folder)  # Kept from the build.
+    with open(os.path.join(files.scratch(folder), "train", "a.bin"), "rb") as f:
+        assert f.read() == b"abc"
+    with pytest.raises(FileExistsError), files.atomic_path(folder) as tmp:
+        os.makedirs(tmp)
+    monkeypatch.setenv("JAXSEL_SCRATCH", str(tmp_path / "elsewhere"))
+    local = files.mirror(folder)
+    assert local.startswith(str(tmp_path / "elsewhere")) and os.path.basename(local) == "pool"
+    with open(os.path.join(local, "train", "a.bin"), "rb") as f:
+        assert f.read() == b"abc"
+    assert files.mirror("relative/local") == "relative/local"

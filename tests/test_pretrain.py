@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import pretrain
 from experiments.configs import pretrain as pretrain_config
-from jaxsel import checkpoint, report, select, train
+from jaxsel import checkpoint, files, launch, report, select, train
 from jaxsel.data import pool as pool_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,3 +172,38 @@ def test_pretrains_on_a_saved_selection_of_this_pool(tmp_path):
                                       f"--config.selection={tmp_path / 'other.json'}"),
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "config.selection" in refused.stderr
+
+
+def test_a_run_and_its_pool_cache_on_gs_paths(tmp_path, bucket, monkeypatch):
+    """`--workdir` and `data.cache_dir` on `gs://` (an in-memory bucket): the run writes its
+    config, metrics, TensorBoard events, figure and report into the bucket, the pool is cached
+    there (complete, then read back from a fresh local scratch as the same rows a local cache
+    holds), and the finished run is found again from another machine. Orbax writes `gs://`
+    itself (TensorStore's driver, which the in-memory bucket cannot serve), so its checkpoints
+    go to a local folder here."""
+    manager = checkpoint.manager
+    monkeypatch.setattr(checkpoint, "manager", lambda workdir, *a, **k: manager(
+        workdir.replace("gs://bucket", str(tmp_path / "orbax")), *a, **k))
+    config = pretrain_config.get_config("tiny")
+    config.update_from_flattened_dict({
+        "data.source": "synthetic", "data.cache_dir": "gs://bucket/cache", "data.seq_len": 64,
+        "data.synthetic_docs_per_domain": 60, "model.vocab_size": 512,
+        "train.batch_size": 8, "train.steps": 4, "train.log_every": 2})
+    result = launch.run_experiment(config, "gs://bucket/run", pretrain.STUDY)
+    run = files.path("gs://bucket/run")
+    assert report.read_json(str(run / "report.json"))["final_loss"] == result["final_loss"]
+    assert {"config.json", "report.md", "loss_curve.png"} <= {p.name for p in run.iterdir()}
+    assert [r["step"] for r in report.read_jsonl(str(run / "metrics.jsonl"))] == [2, 4]
+    assert [p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir()
+            ] == [True]
+    pool_folder = next(files.path("gs://bucket/cache/pools").iterdir())
+    assert (pool_folder / files.COMPLETE).exists()
+
+    monkeypatch.setenv("JAXSEL_SCRATCH", str(tmp_path / "another_machine"))
+    assert launch.run_experiment(config, "gs://bucket/run", pretrain.STUDY) == result
+    remote = pool_lib.build_pools(config)["train"]
+    assert str(remote.path).startswith(str(tmp_path / "another_machine"))
+    config.data.cache_dir = str(tmp_path / "local_cache")
+    local = pool_lib.build_pools(config)["train"]
+    assert remote.key == local.key
+    np.testing.assert_array_equal(remote.tokens, local.tokens)

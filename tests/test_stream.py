@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxsel import embed, rowmap, stream
+from jaxsel import embed, files, rowmap, stream
 from tests.workers import rowmap_worker, stream_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,3 +172,46 @@ def test_targets_are_keyed_by_their_inputs_and_embeddings_stream(tmp_path):
         streamed = fn(progress=False, to=stream.Target(tmp_path, name, {"pool": "p1"}, 16))
         assert isinstance(streamed, np.memmap)
         np.testing.assert_array_equal(streamed, fn(progress=False))
+
+
+def test_a_remote_folder_resumes_on_another_machine_and_never_reads_bad_chunks(
+        tmp_path, data, expected, bucket, monkeypatch):
+    """A `gs://` folder (an in-memory bucket): a run stopped after two chunks resumes from a
+    fresh local scratch (another machine) computing only the rest; a finished folder is read back
+    into a fresh scratch without computing; a chunk whose uploaded bytes are damaged, or that
+    lacks its marker, is computed again."""
+    folder = "gs://bucket/runs/s"
+    calls = []
+
+    def stop_after_two_chunks(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # As a kill: the third chunk never reaches the bucket.
+        return real(*args, **kwargs)
+
+    real = stream.rowmap.map_rows
+    monkeypatch.setattr(stream.rowmap, "map_rows", stop_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        _stream(folder, data)
+    monkeypatch.undo()
+    assert sorted(k for k in bucket if "/done/" in k) == [
+        f"bucket/runs/s/done/0000000{c}.json" for c in (0, 1)]
+
+    def on_another_machine(name):
+        monkeypatch.setenv("JAXSEL_SCRATCH", str(tmp_path / name))
+
+    on_another_machine("second")
+    reads = set()
+    _assert_equal(_stream(folder, data, reads), expected)
+    assert reads == set(range(16, N))
+    on_another_machine("third")
+    reads = set()
+    _assert_equal(_stream(folder, data, reads), expected)
+    assert reads == set()
+    chunk = files.path(f"{folder}/chunks/00000001/y.bin")
+    chunk.write_bytes(bytes([chunk.read_bytes()[0] ^ 1]) + chunk.read_bytes()[1:])
+    files.path(f"{folder}/done/00000003.json").unlink()
+    on_another_machine("fourth")
+    reads = set()
+    _assert_equal(_stream(folder, data, reads), expected)
+    assert reads == set(range(8, 16)) | set(range(24, 32))

@@ -2,14 +2,14 @@
 # Run one experiment on every worker of a TPU VM pod slice at once (after setup.sh).
 #
 #   TPU_NAME=my-pod ZONE=us-central2-b tpu_scripts/run.sh experiments.pretrain \
-#       --config=experiments/configs/pretrain.py:small --workdir=/mnt/shared/runs/small ...
+#       --config=experiments/configs/pretrain.py:small --workdir=gs://my-bucket/runs/small ...
 #
 # Needs TPU_NAME and ZONE; optional: PROJECT, REMOTE_DIR (as for setup.sh). Every worker runs
 #   export JAXSEL_DISTRIBUTED=1 && cd REMOTE_DIR && .venv/bin/python -m MODULE ARGS...
 # with each argument shell-quoted, so spaces and quotes arrive as typed.
-# The --workdir must be a folder that every worker sees at the same path (all hosts write the
-# orbax checkpoints): a Cloud Storage bucket mounted with gcsfuse, or a Filestore / NFS mount,
-# on every worker. A worker's local disk does not work. The run ends when the SSH connection
+# The --workdir must be a folder that every worker sees (all hosts write the orbax
+# checkpoints): a gs:// path, or a Filestore / NFS mount at the same path on every worker. A
+# worker's local disk does not work. The run ends when the SSH connection
 # does, so start long runs from tmux or screen; the same command again resumes from the last
 # checkpoint.
 # LOCAL=1 runs the command here instead, in this checkout, as one process and without setting

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Delete a TPU VM pod slice (without asking). What was on its disks is gone; a shared workdir
-# (gcsfuse bucket, Filestore / NFS) is not touched.
+# (gs:// bucket, Filestore / NFS) is not touched.
 #
 #   TPU_NAME=my-pod ZONE=us-central2-b tpu_scripts/teardown.sh [EXTRA_GCLOUD_FLAGS...]
 #

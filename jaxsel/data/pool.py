@@ -154,19 +154,20 @@ class RowsView:
         return files.read_rows(self.array, self.ids[idx])
 
 
-def cache_root(data_config) -> Path:
-    """`data.cache_dir`, else `$JAXSEL_CACHE`, else `~/.cache/jaxsel`."""
+def cache_root(data_config) -> str:
+    """`data.cache_dir`, else `$JAXSEL_CACHE`, else `~/.cache/jaxsel`; local or remote (`gs://`:
+    pools are then built in, and read from, a local mirror, `files.mirror`)."""
     root = data_config.cache_dir or os.environ.get("JAXSEL_CACHE") or "~/.cache/jaxsel"
-    return Path(os.path.expanduser(root))
+    return root if files.is_remote(root) else os.path.expanduser(root)
 
 
 def build_pools(config) -> dict[str, Pool]:
     """The train and held-out pools of `config.data`, built once and then read from the cache."""
     d = config.data
-    folder = cache_root(d) / "pools" / f"{d.source}-{pool_key(config)}"
-    if not folder.is_dir():
+    folder = os.path.join(cache_root(d), "pools", f"{d.source}-{pool_key(config)}")
+    if not files.is_complete(folder):
         _build(config, folder)
-    pools = {split: Pool(folder / split) for split in SPLITS}
+    pools = {split: Pool(Path(files.mirror(folder)) / split) for split in SPLITS}
     vocab = pools["train"].report["vocab_size"]
     if vocab > config.model.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the pool's "
@@ -357,8 +358,9 @@ class _SplitWriter:
 # Building.
 
 
-def _build(config, folder: Path) -> None:
-    """Builds both splits into a temporary folder and renames it to `folder` when complete."""
+def _build(config, folder: str) -> None:
+    """Builds both splits into a temporary folder and renames (or uploads) it to `folder` when
+    complete."""
     d = config.data
     seed = config.seed if d.source == "synthetic" else None
     start = time.time()
@@ -366,9 +368,10 @@ def _build(config, folder: Path) -> None:
         with files.atomic_path(folder) as tmp:
             tmp = Path(tmp)
             tmp.mkdir()
-            _build_into(tmp, d, config.model.vocab_size, seed, key=folder.name, start=start)
+            _build_into(tmp, d, config.model.vocab_size, seed, key=os.path.basename(folder),
+                        start=start)
     except OSError:
-        if not folder.is_dir():  # Not a concurrent build of the same pool: a real error.
+        if not files.is_complete(folder):  # Not a concurrent build of the same pool: an error.
             raise
 
 

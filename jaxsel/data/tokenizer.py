@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import tokenizers
+from etils import epath
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxsel import files
@@ -40,7 +40,7 @@ def load_or_train_tokenizer(data_config, vocab_size: int, texts: Callable[[], It
     if data_config.tokenizer:
         path = tokenizer_file(data_config)
     else:
-        path = _train_cached(vocab_size, texts, Path(cache_dir))
+        path = _train_cached(vocab_size, texts, os.fspath(cache_dir))
     tokenizer = load_tokenizer(path)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
@@ -49,9 +49,9 @@ def load_or_train_tokenizer(data_config, vocab_size: int, texts: Callable[[], It
     return tokenizer
 
 
-def tokenizer_file(data_config) -> Path:
-    """`data.tokenizer` as a path, checked to be a file."""
-    path = Path(os.path.expanduser(data_config.tokenizer))
+def tokenizer_file(data_config) -> epath.Path:
+    """`data.tokenizer` (local or remote) as a path, checked to be a file."""
+    path = files.path(data_config.tokenizer)
     if not path.is_file():
         raise ValueError(f"data.tokenizer={data_config.tokenizer!r}: no such file "
                          f"(expected a tokenizer.json)")
@@ -62,7 +62,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer.json the way pools use it: special tokens inside text are plain text
     (`encode_special_tokens`, which tokenizer.json does not store)."""
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(files.path(path).read_text())
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file.
         raise ValueError(f"{str(path)!r} is not a valid tokenizer.json: {e}") from e
     tokenizer.encode_special_tokens = True
@@ -107,7 +107,7 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
 
 
 def _train_cached(vocab_size: int, texts: Callable[[], Iterator[str]],
-                  cache_dir: Path) -> Path:
+                  cache_dir: str) -> str:
     """The path of the cached tokenizer trained on `texts()`; trains and saves it on a miss."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"model.vocab_size={vocab_size}: a byte-level BPE needs at least "
@@ -116,8 +116,8 @@ def _train_cached(vocab_size: int, texts: Callable[[], Iterator[str]],
     for text in _capped(texts()):
         digest.update(text.encode("utf-8"))
         digest.update(b"\x00")
-    path = cache_dir / "tokenizers" / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
-    if not path.is_file():
+    path = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json")
+    if not files.path(path).is_file():
         save_atomically(train_bpe(_capped(texts()), vocab_size), path)
     return path
 
@@ -143,7 +143,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def save_atomically(tokenizer: Tokenizer, path: Path) -> None:
+def save_atomically(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     """Writes tokenizer.json via a temporary file and a rename: readers never see half a file."""
     with files.atomic_path(path) as tmp:
         tokenizer.save(tmp)
