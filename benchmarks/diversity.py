@@ -7,7 +7,7 @@ uniformly random centres, log-normal sizes (sigma 1) and spreads drawn log-unifo
 mean within-cluster cosine distance lies in [0.05, 0.5], plus a fraction `--background` of
 uniformly random directions; rows are L2-normalised and shuffled, all from `--seed`.
 
-1. `select.threshold_diverse` on all points at k = budget * N, timed end to end (k-nearest-
+1. `similarity.threshold_diverse` on all points at k = budget * N, timed end to end (k-nearest-
    neighbour graph by ScaNN, RAC average linkage, the cut at k clusters, the representatives).
 2. On a seeded sample of `--sample` rows: the same graph clustering, cut at k = budget * sample
    (its threshold epsilon), against scipy's exact average linkage of all pairwise cosine
@@ -29,7 +29,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from benchmarks.common import emit
-from jaxsel import cluster, select
+from jaxsel import cluster, similarity
 
 
 def make_data(n: int, dim: int, clusters: int, background: float, seed: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def adjusted_rand_index(a_N, b_N) -> float:
 
 def bench_full(x_NxD, k: int, num_neighbors: int, missing: float, scann: dict):
     start = time.perf_counter()
-    selection = select.threshold_diverse(x_NxD, k, num_neighbors, missing, scann, progress=True)
+    selection = similarity.threshold_diverse(x_NxD, k, num_neighbors, missing, scann, progress=True)
     seconds = time.perf_counter() - start
     return emit({"method": "threshold_diverse", "points": len(x_NxD), "k": k,
                  "seconds": seconds, "selected": len(selection), **selection.params})

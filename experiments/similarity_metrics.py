@@ -27,7 +27,7 @@ data when selection spreads over its clusters. This experiment measures both:
 4. diversity-based selection: `candidates` rows (the first rows of the same draw as the sample,
    so one holds the other and embeddings are computed once) embedded with `select_embedding`
    (PCA fitted on the candidates). Three arms pick `select_size` of them: `diverse` (Sam et al.:
-   `select.threshold_diverse`, one representative per cluster of an average-linkage threshold
+   `similarity.threshold_diverse`, one representative per cluster of an average-linkage threshold
    clustering over the `select_neighbors`-nearest-neighbour graph, epsilon set so that there are
    `select_size` clusters), `cluster_stratified` (as evenly as possible over `select_clusters`
    balanced k-means clusters; a stratified sample, not the paper's method) and `random`. A fresh
@@ -69,6 +69,7 @@ from jaxsel import (
     report,
     runs,
     select,
+    similarity,
     stats,
     stream,
     train,
@@ -366,7 +367,7 @@ class Experiment:
     def selection_clusters(self) -> dict[str, np.ndarray]:
         """The candidates' `ids`, their balanced k-means clusters (`kmeans`, `select_clusters`
         of them) and their threshold clusters cut at `select_size` (`threshold`, from
-        `select.threshold_clusters`, with its params as JSON in `threshold_params`)."""
+        `similarity.threshold_clusters`, with its params as JSON in `threshold_params`)."""
         s = self.config.similarity
 
         def compute():
@@ -374,7 +375,7 @@ class Experiment:
             kmeans = cluster.balanced_kmeans(
                 x_NxD, s.select_clusters,
                 seed=config_lib.stream_seed(self.config.seed, _SELECT_KMEANS)).assignments_N
-            labels, params = select.threshold_clusters(x_NxD, s.select_size, s.select_neighbors,
+            labels, params = similarity.threshold_clusters(x_NxD, s.select_size, s.select_neighbors,
                                                        progress=self.progress)
             return {"ids": self.ids["candidates"], "kmeans": kmeans, "threshold": labels,
                     "threshold_params": np.array(json.dumps(params))}
@@ -391,7 +392,7 @@ class Experiment:
         params = {"embedding": s.select_embedding}
         if arm == "diverse":
             clusters = self.selection_clusters()
-            chosen = select.one_per_cluster(self.embeddings(s.select_embedding)["candidates"],
+            chosen = similarity.one_per_cluster(self.embeddings(s.select_embedding)["candidates"],
                                             clusters["threshold"], s.select_size,
                                             json.loads(str(clusters["threshold_params"])))
         elif arm == "cluster_stratified":

@@ -13,11 +13,11 @@ the target items and the settings: resumable chunk by chunk, memory-mapped when 
 
 - `random`: uniform without replacement;
 - `low_loss`: the lowest mean token loss under the seed model (perplexity filtering);
-- `semdedup`: near-duplicates of the encoder embeddings removed (`select.dedup`), then uniform;
+- `semdedup`: near-duplicates of the encoder embeddings removed (`similarity.dedup`), then uniform;
 - `nearest`: the most similar to any target item (encoder embeddings; DSIR-like matching);
 - `cluster_stratified`: uniform within balanced k-means clusters, spread evenly over them;
 - `diverse` (Sam et al. 2025): one representative per cluster of an average-linkage threshold
-  clustering cut at k clusters (`select.threshold_diverse`);
+  clustering cut at k clusters (`similarity.threshold_diverse`);
 - `first_order`: the lowest first-order influence on the target items from the seed state;
 - `dsir` (Xie et al. 2023): importance resampling towards the target items' hashed n-grams
   (`jaxsel.dsir`), Gumbel-top-k on the log-weights;
@@ -51,6 +51,7 @@ from jaxsel import (
     probe,
     report,
     select,
+    similarity,
     stream,
 )
 from jaxsel import config as config_lib
@@ -188,9 +189,9 @@ class Candidates:
                                             target)["target"]}
 
     def kept(self) -> np.ndarray:
-        """The candidate positions `select.dedup` keeps at `dedup_threshold`."""
+        """The candidate positions `similarity.dedup` keeps at `dedup_threshold`."""
         return report.cached_npz(self.path("arms", "semdedup", "kept.npz"), lambda: {
-            "kept": select.dedup(self.embeddings()["candidates"],
+            "kept": similarity.dedup(self.embeddings()["candidates"],
                                  self.section.dedup_threshold)})["kept"]
 
     def clusters(self) -> np.ndarray:
@@ -290,10 +291,10 @@ _PICKERS = {
     "random": lambda c, k, seed: select.random_ids(len(c.ids), k, seed),
     "low_loss": lambda c, k, seed: select.top_k(c.losses(), k),
     "semdedup": _semdedup,
-    "nearest": lambda c, k, seed: select.nearest_to_target(
+    "nearest": lambda c, k, seed: similarity.nearest_to_target(
         c.embeddings()["candidates"], c.embeddings()["target"], k),
     "cluster_stratified": lambda c, k, seed: select.cluster_stratified(c.clusters(), k, seed),
-    "diverse": lambda c, k, seed: select.threshold_diverse(c.embeddings()["candidates"], k),
+    "diverse": lambda c, k, seed: similarity.threshold_diverse(c.embeddings()["candidates"], k),
     "first_order": lambda c, k, seed: select.top_k(c.first_order(), k),
     "mates": _mates,
     "dsir": lambda c, k, seed: select.gumbel_top_k(c.dsir_weights(), k, seed, 1.0,

@@ -1,5 +1,6 @@
-"""Tests of jaxsel.select against independent computations: exact Plackett-Luce probabilities,
-numpy sorts, a hand-computed water-filling, and brute-force O(N^2) dedup and nearest search."""
+"""Tests of jaxsel.select and jaxsel.similarity against independent computations: exact
+Plackett-Luce probabilities, numpy sorts, a hand-computed water-filling, and brute-force O(N^2)
+dedup and nearest search."""
 
 import dataclasses
 import itertools
@@ -14,7 +15,7 @@ from scipy import stats as scipy_stats
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
-from jaxsel import report, select
+from jaxsel import report, select, similarity
 
 # ----------------------------------------------------------------------------- references
 
@@ -247,7 +248,7 @@ def test_threshold_diverse_takes_each_clusters_most_central_member():
     emb = (centres[rng.integers(10, size=240)] + 0.6 * rng.standard_normal((240, 6))).astype(
         np.float32) * rng.uniform(0.5, 3, size=(240, 1)).astype(np.float32)  # any row norms
     z = linkage(pdist(emb.astype(np.float64), "cosine"), "average")
-    selection = select.threshold_diverse(emb, 25, num_neighbors=239, missing_distance=2.0)
+    selection = similarity.threshold_diverse(emb, 25, num_neighbors=239, missing_distance=2.0)
     labels = fcluster(z, 25, "maxclust")  # exact average linkage cut into 25 clusters
     reps = nearest_to_centroids(emb, labels)
     assert selection.method == "threshold_diverse" and len(selection) == 25
@@ -273,11 +274,11 @@ def test_threshold_diverse_on_a_disconnected_graph_takes_the_largest_clusters():
     edges = {(min(i, j), max(i, j)) for i in range(40) for j in near[i]}
     within = sum(groups[i] == groups[j] for i, j in edges) / sum(s * (s - 1) / 2 for s in sizes)
     for k in (1, 2, 3, 4):
-        selection = select.threshold_diverse(emb, k, num_neighbors=4)
+        selection = similarity.threshold_diverse(emb, k, num_neighbors=4)
         assert selection.ids.tolist() == [reps[g] for g in order[:k]]
         assert selection.params["num_clusters"] == 4
         assert selection.params["pair_coverage"] == pytest.approx(within)
-    assert len(select.threshold_diverse(emb, 5, num_neighbors=4)) == 5  # a group splits
+    assert len(similarity.threshold_diverse(emb, 5, num_neighbors=4)) == 5  # a group splits
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -303,7 +304,7 @@ def test_dedup_equals_brute_force_greedy(planted):
     assert np.abs(off_diagonal - threshold).min() > 1e-5, "test data too close to the threshold"
     assert ((cos >= threshold).sum(axis=1) - 1).max() <= 16, "groups must fit num_neighbors"
     for order in (np.arange(300), np.random.default_rng(9).permutation(300)):
-        kept = select.dedup(planted, threshold, order)
+        kept = similarity.dedup(planted, threshold, order)
         expected = brute_dedup(planted, threshold, order)
         np.testing.assert_array_equal(kept, expected)
         assert 150 < len(kept) < 300  # some copies are removed, some are far enough to stay
@@ -316,11 +317,11 @@ def test_dedup_large_group_stays_sound_and_is_exact_with_enough_neighbours():
         np.float32)
     threshold, order = 0.9, rng.permutation(100)
     rank = np.argsort(order)
-    kept = select.dedup(emb, threshold, order, num_neighbors=4)
+    kept = similarity.dedup(emb, threshold, order, num_neighbors=4)
     cos = brute_cosines(emb, emb)
     for row in sorted(set(range(100)) - set(kept.tolist())):  # every drop is justified
         assert any(cos[row, other] >= threshold and rank[other] < rank[row] for other in kept)
-    np.testing.assert_array_equal(select.dedup(emb, threshold, order, num_neighbors=99),
+    np.testing.assert_array_equal(similarity.dedup(emb, threshold, order, num_neighbors=99),
                                   brute_dedup(emb, threshold, order))
 
 
@@ -329,7 +330,7 @@ def test_dedup_threshold_one_removes_identical_rows():
     distinct = rng.standard_normal((40, 8)).astype(np.float32)
     emb = distinct[rng.integers(0, 40, size=120)]
     order = rng.permutation(120)
-    kept = select.dedup(emb, 1.0, order)
+    kept = similarity.dedup(emb, 1.0, order)
     _, first_in_order = np.unique(emb[order], axis=0, return_index=True)
     np.testing.assert_array_equal(kept, np.sort(order[first_in_order]))
 
@@ -341,7 +342,7 @@ def test_nearest_to_target_matches_brute_force():
     rng = np.random.default_rng(12)
     pool = (rng.standard_normal((400, 16)) * rng.uniform(0.2, 5, (400, 1))).astype(np.float32)
     target = rng.standard_normal((7, 16)).astype(np.float32)
-    selection = select.nearest_to_target(pool, target, 25, query_batch=64)
+    selection = similarity.nearest_to_target(pool, target, 25, query_batch=64)
     best = brute_cosines(pool, target).max(axis=1)
     expected = np.lexsort((np.arange(400), -best))[:25]
     assert np.sort(best)[::-1][24] - np.sort(best)[::-1][25] > 1e-6, "ambiguous k-th place"
@@ -358,7 +359,7 @@ def test_nearest_to_target_matches_brute_force():
     lambda: select.gumbel_top_k(np.random.default_rng(0).standard_normal(100), 10, 1),
     lambda: select.random_ids(100, 10, 2),
     lambda: select.cluster_stratified(np.arange(100) % 7, 10, 3),
-    lambda: select.threshold_diverse(np.random.default_rng(4).standard_normal((50, 3)), 5),
+    lambda: similarity.threshold_diverse(np.random.default_rng(4).standard_normal((50, 3)), 5),
 ])
 def test_selection_save_load_round_trip(tmp_path, make):
     selection = make()
@@ -438,27 +439,30 @@ BAD_INPUTS = {
                              "scores_N"),
     "cluster scores nan": (lambda: select.cluster_stratified([0, 1], 1, 0, [1.0, np.nan]),
                            "scores_N"),
-    "dedup empty": (lambda: select.dedup(np.zeros((0, 4)), 0.9), "emb_NxD"),
-    "dedup zero row": (lambda: select.dedup(ZERO_ROW, 0.9), "emb_NxD"),
-    "dedup nan row": (lambda: select.dedup(NAN_ROW, 0.9), "emb_NxD"),
-    "dedup threshold>1": (lambda: select.dedup(EMB, 1.5), "threshold"),
-    "dedup threshold=-1": (lambda: select.dedup(EMB, -1.0), "threshold"),
-    "dedup threshold nan": (lambda: select.dedup(EMB, np.nan), "threshold"),
-    "dedup order repeat": (lambda: select.dedup(EMB, 0.9, [0] * 10), "order_N"),
-    "dedup order length": (lambda: select.dedup(EMB, 0.9, np.arange(9)), "order_N"),
-    "dedup neighbours": (lambda: select.dedup(EMB, 0.9, num_neighbors=0), "num_neighbors"),
-    "nearest dims": (lambda: select.nearest_to_target(EMB, EMB[:, :3], 2), "target_TxD"),
-    "nearest empty target": (lambda: select.nearest_to_target(EMB, np.zeros((0, 4)), 2),
+    "dedup empty": (lambda: similarity.dedup(np.zeros((0, 4)), 0.9), "emb_NxD"),
+    "dedup zero row": (lambda: similarity.dedup(ZERO_ROW, 0.9), "emb_NxD"),
+    "dedup nan row": (lambda: similarity.dedup(NAN_ROW, 0.9), "emb_NxD"),
+    "dedup threshold>1": (lambda: similarity.dedup(EMB, 1.5), "threshold"),
+    "dedup threshold=-1": (lambda: similarity.dedup(EMB, -1.0), "threshold"),
+    "dedup threshold nan": (lambda: similarity.dedup(EMB, np.nan), "threshold"),
+    "dedup order repeat": (lambda: similarity.dedup(EMB, 0.9, [0] * 10), "order_N"),
+    "dedup order length": (lambda: similarity.dedup(EMB, 0.9, np.arange(9)), "order_N"),
+    "dedup neighbours": (lambda: similarity.dedup(EMB, 0.9, num_neighbors=0), "num_neighbors"),
+    "nearest dims": (lambda: similarity.nearest_to_target(EMB, EMB[:, :3], 2), "target_TxD"),
+    "nearest empty target": (lambda: similarity.nearest_to_target(EMB, np.zeros((0, 4)), 2),
                              "target_TxD"),
-    "nearest k=0": (lambda: select.nearest_to_target(EMB, EMB[:2], 0), r"k must be in \[1, 10\]"),
-    "diverse empty": (lambda: select.threshold_diverse(np.zeros((0, 4)), 1), "emb_NxD"),
-    "diverse nan row": (lambda: select.threshold_diverse(NAN_ROW, 2), "emb_NxD"),
-    "diverse zero row": (lambda: select.threshold_diverse(ZERO_ROW, 2), "emb_NxD"),
-    "diverse k=0": (lambda: select.threshold_diverse(EMB, 0), r"k must be in \[1, 10\], got 0"),
-    "diverse k>N": (lambda: select.threshold_diverse(EMB, 11), r"k must be in \[1, 10\], got 11"),
-    "diverse neighbours": (lambda: select.threshold_diverse(EMB, 2, num_neighbors=0),
+    "nearest k=0": (lambda: similarity.nearest_to_target(EMB, EMB[:2], 0),
+                    r"k must be in \[1, 10\]"),
+    "diverse empty": (lambda: similarity.threshold_diverse(np.zeros((0, 4)), 1), "emb_NxD"),
+    "diverse nan row": (lambda: similarity.threshold_diverse(NAN_ROW, 2), "emb_NxD"),
+    "diverse zero row": (lambda: similarity.threshold_diverse(ZERO_ROW, 2), "emb_NxD"),
+    "diverse k=0": (lambda: similarity.threshold_diverse(EMB, 0),
+                    r"k must be in \[1, 10\], got 0"),
+    "diverse k>N": (lambda: similarity.threshold_diverse(EMB, 11),
+                    r"k must be in \[1, 10\], got 11"),
+    "diverse neighbours": (lambda: similarity.threshold_diverse(EMB, 2, num_neighbors=0),
                            "num_neighbors"),
-    "diverse missing": (lambda: select.threshold_diverse(EMB, 2, missing_distance=-1.0),
+    "diverse missing": (lambda: similarity.threshold_diverse(EMB, 2, missing_distance=-1.0),
                         "missing_distance"),
     "selection repeats": (lambda: select.Selection([0, 0], "m", 5, {}), "ids must be unique"),
     "selection range": (lambda: select.Selection([5], "m", 5, {}), "pool_size=5"),
@@ -510,12 +514,12 @@ def test_nearest_to_target_reads_memory_mapped_rows_in_chunks(tmp_path):
     emb[:] = rng.standard_normal((5000, 8))
     emb.flush()
     mapped, target = np.load(path, mmap_mode="r"), rng.standard_normal((7, 8))
-    whole = select.nearest_to_target(np.asarray(mapped), target, 300, chunk_rows=5000)
+    whole = similarity.nearest_to_target(np.asarray(mapped), target, 300, chunk_rows=5000)
     for chunk in (64, 999):
-        chosen = select.nearest_to_target(mapped, target, 300, chunk_rows=chunk)
+        chosen = similarity.nearest_to_target(mapped, target, 300, chunk_rows=chunk)
         assert np.array_equal(chosen.ids, whole.ids)
         np.testing.assert_array_equal(chosen.scores, whole.scores)
     bad = np.array(mapped)
     bad[3001] = 0.0
     with pytest.raises(ValueError, match=r"emb_NxD has 1 all-zero rows, e.g. rows \[3001\]"):
-        select.nearest_to_target(bad, target, 3, chunk_rows=1000)
+        similarity.nearest_to_target(bad, target, 3, chunk_rows=1000)

@@ -37,7 +37,7 @@ The `similarity` section:
 - `candidates`: rows (seeded, outside the models' shares) the selections choose from; the
   analysis sample is the first rows of the same draw, so one holds the other.
 - `select_embedding`: the embedding (any of the four) the selections use; `select_size`: the
-  rows each arm selects. `diverse` (`select.threshold_diverse`): one representative per
+  rows each arm selects. `diverse` (`similarity.threshold_diverse`): one representative per
   cluster of an average-linkage threshold clustering over the `select_neighbors`-nearest-
   neighbour graph, cut at `select_size` clusters; `cluster_stratified`: spread evenly over
   `select_clusters` balanced k-means clusters; `random`: uniform.

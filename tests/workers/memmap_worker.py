@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from jaxsel import cluster, embed, search, select
+from jaxsel import cluster, embed, search, similarity
 
 
 def rss_anon() -> int:
@@ -55,7 +55,7 @@ def main():
         "balanced_kmeans": lambda x: cluster.balanced_kmeans(x, 8, seed=0, num_iters=3,
                                                              init_sample_size=5000),
         "neighbours": lambda x: search.neighbours(x, 5),
-        "dedup": lambda x: select.dedup(x, 0.999, num_neighbors=4),
+        "dedup": lambda x: similarity.dedup(x, 0.999, num_neighbors=4),
     }
     calls["balanced_kmeans"](points)  # Once first: its compilations are not counted.
     growth = {}

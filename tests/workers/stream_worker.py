@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxsel import select, sharding, stream
+from jaxsel import select, sharding, similarity, stream
 from tests.workers import rowmap_worker
 
 CHUNK, BATCH = 8, 4
@@ -50,7 +50,7 @@ def selections(scores_N, chunk_rows: int = select.CHUNK_ROWS) -> dict[str, np.nd
     return {"top_k": select.top_k(scores_N, 9, chunk_rows=chunk_rows).ids,
             "gumbel_top_k": select.gumbel_top_k(scores_N, 9, seed=5, temperature=0.5,
                                                 chunk_rows=chunk_rows).ids,
-            "nearest": select.nearest_to_target(emb_NxD, emb_NxD[:2], 9,
+            "nearest": similarity.nearest_to_target(emb_NxD, emb_NxD[:2], 9,
                                                 chunk_rows=chunk_rows).ids}
 
 
