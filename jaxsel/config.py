@@ -12,7 +12,6 @@ impossible values are refused by `validate`, which names the key. Both happen be
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 from ml_collections.config_flags import tuple_parser
 
+from jaxsel import files
 from jaxsel.model import attention
 from jaxsel.model.transformer import REMAT_POLICIES
 
@@ -374,5 +374,5 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
     check(width <= config.data.seq_len, "downstream.context_len",
           f"context_len + continuation_len = {width} exceeds data.seq_len={config.data.seq_len}")
     for path in check_tuple(d.files, str, "downstream.files"):
-        check(os.path.isfile(path), "downstream.files", f"{path} is not a file")
+        check(files.path(path).is_file(), "downstream.files", f"{path} is not a file")
     check_tuple(d.domains, str, "downstream.domains")

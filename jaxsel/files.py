@@ -121,9 +121,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     ends without error, removed otherwise. The parent folder is created. A folder is renamed
     only if `path` does not exist yet (an `OSError` otherwise, for the caller to handle).
 
-    A remote `path`: the temporary path is local (in `path`'s parent's `scratch`) and is
-    uploaded to `path` when the block ends without error; a folder gets `COMPLETE` last, and
-    then stays as `path`'s `scratch` (what `mirror` would download)."""
+    A remote `path`: the temporary path is local (under `$JAXSEL_SCRATCH`) and is uploaded to
+    `path` when the block ends without error; a folder is refused (`FileExistsError`) if `path`
+    is already complete, gets `COMPLETE` last, and then stays as `path`'s `scratch` (what
+    `mirror` would download)."""
     path = os.fspath(path)
     if is_remote(path):
         with _remote_atomic_path(path) as tmp:

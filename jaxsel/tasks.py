@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from jaxsel import files
+
 Item = tuple  # (context, choices, answer): str / list[str], or token ids / list of token ids.
 
 
@@ -67,7 +69,7 @@ def load_jsonl(path: str | os.PathLike) -> tuple[list[Item], collections.Counter
     object) or `missing_field`. Blank lines are ignored. The values are checked by the builder;
     pass it these counts (`skipped=`) to carry them into the task."""
     items, skipped = [], collections.Counter()
-    with open(path, "rb") as f:
+    with files.path(path).open("rb") as f:
         for raw in f:
             try:
                 line = raw.decode("utf-8")
