@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxsel import config as config_lib
+from jaxsel.data import build as build_lib
 from jaxsel.data import local_corpus, readers, sources
 from jaxsel.data import pool as pool_lib
 from jaxsel.data import tokenizer as tokenizer_lib
@@ -49,7 +50,7 @@ def built(corpus, tmp_path_factory):
     """The corpus's pools, built with packers flushing every few rows (as on a large corpus)."""
     config = _config(tmp_path_factory.mktemp("cache"), paths=(str(corpus),))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pool_lib, "_FLUSH_TOKENS", 3 * SEQ_LEN + 5)
+        patch.setattr(build_lib, "_FLUSH_TOKENS", 3 * SEQ_LEN + 5)
         return config, pool_lib.build_pools(config)
 
 
@@ -67,7 +68,7 @@ def _docs_from_rows(pool) -> dict[int, np.ndarray]:
 
 
 def test_domain_packer_packs_and_carries_a_cut_document_over():
-    packer = pool_lib.DomainPacker(seq_len=4)
+    packer = build_lib.DomainPacker(seq_len=4)
     docs = [([10, 11, 12, 13, 14], 100, 0), ([20, 21, 22], 101, 1),
             (list(range(30, 39)), 102, 0)]
     for tokens, doc_id, label in docs:
@@ -141,7 +142,7 @@ def test_heldout_groups_hold_whole_documents(built):
         for doc in heldout.doc_ids_of(i).tolist():
             assert group_of.setdefault(doc, groups[i]) == groups[i]
     for doc, group in group_of.items():
-        assert group == pool_lib.heldout_group(doc, config.data.heldout_groups)
+        assert group == build_lib.heldout_group(doc, config.data.heldout_groups)
     rows = np.flatnonzero(groups == groups[0])
     assert heldout.doc_ids(rows).tolist() == sorted(
         {d for i in rows for d in heldout.doc_ids_of(i).tolist()})
@@ -267,7 +268,7 @@ def test_a_failed_build_leaves_no_pool(corpus, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(pool_lib, "_write_reports", crash)
+    monkeypatch.setattr(build_lib, "_write_reports", crash)
     config = _config(tmp_path, paths=(str(corpus),))
     with pytest.raises(RuntimeError, match="killed"):
         pool_lib.build_pools(config)
@@ -324,14 +325,14 @@ def test_row_labels_are_the_majority_of_their_tokens(tmp_path):
 
 def test_splitter_holds_out_by_hash_and_one_document_of_every_domain():
     def heldout(fraction, docs):
-        splitter = pool_lib.Splitter(fraction)
+        splitter = build_lib.Splitter(fraction)
         return [d.doc_id for d in docs if splitter.is_heldout(d)]
 
     docs = [readers.Document(i, "t", "xy"[i % 2]) for i in range(400)] + \
         [readers.Document(1000, "t", "single")]
     # A tiny fraction: only the rule acts, holding out each domain's second document.
     assert heldout(1e-9, docs) == [2, 3]
-    by_hash = [d.doc_id for d in docs if pool_lib.unit_hash(d.doc_id) < 0.3]
+    by_hash = [d.doc_id for d in docs if build_lib.unit_hash(d.doc_id) < 0.3]
     assert set(by_hash) <= set(heldout(0.3, docs)) <= set(by_hash) | {2, 3}
     assert 0.2 < len(by_hash) / len(docs) < 0.4
 
@@ -362,7 +363,7 @@ def test_an_empty_train_split_names_heldout_fraction(tmp_path):
     path = tmp_path / "docs.jsonl"
     _write_docs(path, ["a", "b", "c"])  # One document per domain, ids 0, 1, 2.
     fraction = 0.99
-    assert all(pool_lib.unit_hash(i) < fraction for i in range(3))  # All held out by hash.
+    assert all(build_lib.unit_hash(i) < fraction for i in range(3))  # All held out by hash.
     with pytest.raises(ValueError, match=r"The train split is empty: all 3 documents that "
                        r"data.source='jsonl' yielded were held out \(data.heldout_fraction=0.99\)"
                        r".*Lower data.heldout_fraction"):
@@ -375,7 +376,7 @@ def test_an_empty_heldout_split_names_heldout_fraction(tmp_path):
     path = tmp_path / "docs.jsonl"
     _write_docs(path, ["a", "b", "c"])
     fraction = 0.05
-    assert all(pool_lib.unit_hash(i) >= fraction for i in range(3))  # None held out by hash.
+    assert all(build_lib.unit_hash(i) >= fraction for i in range(3))  # None held out by hash.
     with pytest.raises(ValueError, match=r"The held-out split is empty: none of the 3 documents "
                        r".*Each of its 3 domain\(s\) holds a single document.*Raise "
                        r"data.heldout_fraction, or give a domain at least two documents "
