@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import MatmulPeak, emit
-from jaxsel import checkpoint, probe, sharding, train
+from jaxsel import checkpoint, probe, references, sharding, train
 from jaxsel import config as config_lib
 from jaxsel.data import pool as pool_lib
 
@@ -95,7 +95,7 @@ def setup(args):
         rows = train_pool.rows(rng.choice(len(train_pool), config.train.batch_size))
         state, _ = trainer.train_step(state, sharding.global_batch(rows, trainer.mesh))
     ids = rng.choice(len(train_pool), args.candidates, replace=False)
-    reference = probe.cloze_from_pool(
+    reference = references.cloze_from_pool(
         pools["heldout"], pools["heldout"].ids_of_domain(args.reference_domain),
         args.reference_items)
     emit({"preset": "tiny", "params": sum(x.size for x in jax.tree.leaves(state.params)),
@@ -110,14 +110,14 @@ def setup(args):
     return trainer, state, train_pool.rows(ids), reference
 
 
-def dense(reference: probe.Reference) -> probe.Reference:
+def dense(reference: references.Reference) -> references.Reference:
     """The same reference set with every position's logits computed (weight 0 where not read)."""
     tokens, positions, weights = (np.asarray(x) for x in (
         reference.tokens_RxL, reference.positions_RxK, reference.weights_RxK))
     weights_RxL = np.zeros(tokens.shape, np.float32)
     np.add.at(weights_RxL, (np.arange(len(tokens))[:, None], positions), weights)
     everywhere = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    return probe.Reference(tokens, np.asarray(reference.segments_RxL), everywhere, weights_RxL)
+    return references.Reference(tokens, np.asarray(reference.segments_RxL), everywhere, weights_RxL)
 
 
 def make_oracle_loop(trainer, state, reference, batch_size: int, workdir: str):
@@ -131,7 +131,7 @@ def make_oracle_loop(trainer, state, reference, batch_size: int, workdir: str):
     abstract = trainer.abstract_state
     put = functools.partial(jax.make_array_from_process_local_data,
                             sharding.replicated(trainer.mesh))
-    ref = probe.Reference(*(put(x) for x in jax.tree.leaves(dense(reference))))
+    ref = references.Reference(*(put(x) for x in jax.tree.leaves(dense(reference))))
     ref_loss = jax.jit(functools.partial(probe.reference_loss, trainer.model,
                                          batch_size=batch_size))
     before = float(ref_loss(state.params, ref))

@@ -49,6 +49,7 @@ from jaxsel import (
     launch,
     mates,
     probe,
+    references,
     report,
     runs,
     select,
@@ -134,7 +135,7 @@ def planned_overhead(config: ml_collections.ConfigDict, encoder_config) -> dict:
     m, length = config.mates, config.data.seq_len
     model_cfg = ModelConfig.from_config(config.model)
     rows = config.roles.target_items
-    reference = probe.Reference(*(np.zeros((rows, config.roles.item_len or length), dtype)
+    reference = references.Reference(*(np.zeros((rows, config.roles.item_len or length), dtype)
                                   for dtype in (np.int32, np.int32)),
                                 np.zeros((rows, 1), np.int32), np.ones((rows, 1), np.float32))
     tokens = mates.encoder_tokens(m)

@@ -3,7 +3,7 @@
 For each held-out domain (all, or those named in `downstream.domains`), from its `eval` rows
 (`jaxsel.roles`: never a row a selector aimed at or arms are ranked on):
 
-- `cloze/<domain>`: LAMBADA-style items (`probe.cloze_from_pool`, `downstream.num_items` rows),
+- `cloze/<domain>`: LAMBADA-style items (`references.cloze_from_pool`, `downstream.num_items` rows),
   scored by `evaluate.cloze_accuracy`: the greedy prediction of each row's last word;
 - `continuation/<domain>`: a HellaSwag-like task (`tasks.continuation_task`: a window of a
   document in each of `downstream.num_items` rows, `choices` same-length continuations, one
@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxsel import config as config_lib
-from jaxsel import evaluate, probe, tasks
+from jaxsel import evaluate, references, tasks
 from jaxsel.data import tokenizer as tokenizer_lib
 
 _SUITE = 7  # The stream of config.seed that draws the continuation tasks.
@@ -32,8 +32,8 @@ _SUITE = 7  # The stream of config.seed that draws the continuation tasks.
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """Tasks by name (`probe.Reference` cloze items or `tasks.MultipleChoice`) and the tasks left
-    out, by name, with the reason."""
+    """Tasks by name (`references.Reference` cloze items or `tasks.MultipleChoice`) and the
+    tasks left out, by name, with the reason."""
 
     tasks: dict
     skipped: dict[str, str]
@@ -54,7 +54,8 @@ def build(config: ml_collections.ConfigDict, heldout, eval_ids) -> Suite:
     for domain in domains if d.num_items else []:
         ids = eval_ids[eval_domains == heldout.domain_names.index(domain)]
         builders = {
-            f"cloze/{domain}": lambda ids=ids: probe.cloze_from_pool(heldout, ids, d.num_items),
+            f"cloze/{domain}": lambda ids=ids: references.cloze_from_pool(heldout, ids,
+                                                                          d.num_items),
             f"continuation/{domain}": lambda ids=ids: tasks.continuation_task(
                 heldout, ids, d.num_items, d.choices, d.context_len, d.continuation_len, seed)}
         for name, make in builders.items():

@@ -3,8 +3,9 @@
 - `sequence_loss_sums` / `scores_by_domain`: per-sequence loss sums over pool ids, aggregated
   per domain into token-weighted perplexities and into bits per byte (the nats over the UTF-8
   bytes of the scored text, `scored_bytes`, in bits: one scale for pools of any tokenizer).
-- `cloze_accuracy`: LAMBADA-style items (a `probe.Reference`, e.g. from `probe.cloze_from_pool`):
-  an item is right when the greedy prediction is right at every counted position.
+- `cloze_accuracy`: LAMBADA-style items (a `references.Reference`, e.g. from
+  `references.cloze_from_pool`): an item is right when the greedy prediction is right at every
+  counted position.
 - `multiple_choice`: a `tasks.MultipleChoice`, scored as lm-evaluation-harness does: each choice's
   log-likelihood given the context, the argmax (`acc`) and the argmax per unit of length
   (`acc_norm`).
@@ -104,12 +105,13 @@ def cloze_accuracy(trainer, params, items, batch_size: int, per_item: bool = Fal
                    progress: bool = False) -> dict:
     """LAMBADA accuracy and loss of cloze `items` under `params`.
 
-    `items` has the fields of a `probe.Reference` (`tokens_RxL`, `segments_RxL`, `positions_RxK`,
-    `weights_RxK`), e.g. from `probe.cloze_reference` or `probe.cloze_from_pool`: each row is one
-    item whose counted positions (weight > 0, next token in the same document) predict its target
-    word. Returns `accuracy` (the fraction of items whose greedy argmax is the target at every
-    counted position), `loss` (the weighted mean token loss, `probe.reference_loss` of the same
-    items) and `items`; with `per_item`, `correct_I` (bool per item) as well.
+    `items` has the fields of a `references.Reference` (`tokens_RxL`, `segments_RxL`,
+    `positions_RxK`, `weights_RxK`), e.g. from `references.cloze` or
+    `references.cloze_from_pool`: each row is one item whose counted positions (weight > 0, next
+    token in the same document) predict its target word. Returns `accuracy` (the fraction of
+    items whose greedy argmax is the target at every counted position), `loss` (the weighted
+    mean token loss, `probe.reference_loss` of the same items) and `items`; with `per_item`,
+    `correct_I` (bool per item) as well.
     """
     rows = (items.tokens_RxL, items.segments_RxL, items.positions_RxK, items.weights_RxK)
     sums_Rx3 = score_rows(trainer, params, rows, "items", batch_size, progress)

@@ -58,7 +58,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxsel import cluster, embed, loss, probe, report, sharding, stats, stream, train
+from jaxsel import (
+    cluster,
+    embed,
+    loss,
+    probe,
+    references,
+    report,
+    sharding,
+    stats,
+    stream,
+    train,
+)
 from jaxsel import config as config_lib
 
 Array = jax.Array
@@ -70,8 +81,9 @@ _CLUSTERS, _GROUPS, _SPLIT = range(3)  # Random streams of the seed given to `re
 # 1. Oracle group influence.
 
 
-def trajectory_losses(state, tokens_MxL: Array, segments_MxL: Array, reference: probe.Reference,
-                      *, model, tx, reference_batch_size: int) -> Array:
+def trajectory_losses(state, tokens_MxL: Array, segments_MxL: Array,
+                      reference: references.Reference, *, model, tx,
+                      reference_batch_size: int) -> Array:
     """[M] reference loss after each of M `train.train_step`s from `state`, step m on row m
     alone (a batch of one)."""
 
@@ -84,7 +96,7 @@ def trajectory_losses(state, tokens_MxL: Array, segments_MxL: Array, reference: 
     return after_M
 
 
-def chunk_group_oracle(state, groups: loss.Batch, reference: probe.Reference, *, model, tx,
+def chunk_group_oracle(state, groups: loss.Batch, reference: references.Reference, *, model, tx,
                        reference_batch_size: int, eval_batch_size: int) -> Array:
     """[B, M] oracle trajectories of the B groups of `groups` (`tokens`, `segments` [B, M, L]),
     each from `state`: reference loss after member m's step minus before any. `eval_batch_size`
@@ -98,7 +110,7 @@ def chunk_group_oracle(state, groups: loss.Batch, reference: probe.Reference, *,
 
 
 def group_oracle(prober: probe.Prober, state, read, num_groups: int,
-                 reference: probe.Reference, reference_batch_size: int,
+                 reference: references.Reference, reference_batch_size: int,
                  eval_batch_size: int | None = None, progress: bool = True) -> np.ndarray:
     """[G, M] float32 `chunk_group_oracle` of `num_groups` groups, `read(idx_B)` giving their rows
     (`tokens`, `segments` [B, M, L]), `prober.chunk_size` groups per jitted call (split over
@@ -340,7 +352,7 @@ def select(u_N, unit_NxD, clusters_N, k: int, alpha: float, beta: float,
 def relational_model(folder: str, section: ml_collections.ConfigDict, prober: probe.Prober,
                      state_fn, pool, candidates_N: np.ndarray, scores_N: np.ndarray,
                      emb_NxD: np.ndarray, single_ids: np.ndarray, single_oracle: np.ndarray,
-                     reference: probe.Reference, seed: int, progress: bool = True) -> dict:
+                     reference: references.Reference, seed: int, progress: bool = True) -> dict:
     """Steps 1-2 for the candidates (pool ids `candidates_N`, sorted) with MATES' scores
     `scores_N`, embeddings `emb_NxD` and individual oracles (`single_ids`, `single_oracle`), from
     `state_fn()` (called only if the oracle must be computed) on the target items `reference`:

@@ -6,7 +6,7 @@ target items' gradients.
   state's first and second moments m and v, `(b1 m + (1 - b1) g) / sqrt(b2 v + (1 - b2) g^2 +
   eps)` (`adam_direction`; no bias correction, eps inside the root, as LESS's code does).
 - A target item's feature is the plain gradient of its own loss (the weighted cloze positions of
-  `probe.Reference`, the loss MATES probes).
+  `references.Reference`, the loss MATES probes).
 - Both are projected by the same seeded random projection (`probe.GradProjection`, normalised)
   and a candidate scores the maximum over the target items of the cosine similarity
   (`max_cosine`); the k highest are selected. (LESS's matching code averages the cosine over a
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from optax import tree_utils
 
-from jaxsel import probe, sharding, stream
+from jaxsel import probe, references, sharding, stream
 
 ZERO_GRADIENT_SCORE = -2.0  # Below every cosine similarity.
 
@@ -55,7 +55,7 @@ def chunk_adam_features(state, batch, projection: probe.GradProjection, *, model
     return probe.project(directions_B, projection), jax.vmap(optax.tree.norm)(grads_B)
 
 
-def item_features(params, reference: probe.Reference, projection: probe.GradProjection, *,
+def item_features(params, reference: references.Reference, projection: probe.GradProjection, *,
                   model) -> jax.Array:
     """`[R, k]` projected gradients of each target item's own weighted loss."""
     def item_loss(p, tokens_L, segments_L, positions_K, weights_K):
@@ -95,7 +95,7 @@ def max_cosine(candidates_NxK, targets_RxK, zero_N=None) -> tuple[np.ndarray, in
     return scores, zeros
 
 
-def scores(prober: probe.Prober, state, candidates, reference: probe.Reference,
+def scores(prober: probe.Prober, state, candidates, reference: references.Reference,
            projection: probe.GradProjection, progress: bool = True,
            to: stream.Target | None = None) -> tuple[np.ndarray, int]:
     """LESS's score of each candidate (`{"tokens", "segments"}` rows) from train state `state`

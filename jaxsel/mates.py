@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from jaxsel import files, influence_model, probe, report, select, stream
+from jaxsel import files, influence_model, probe, references, report, select, stream
 from jaxsel.model import encoder as encoder_lib
 from jaxsel.model.transformer import matmul_flops_per_token
 
@@ -50,7 +50,7 @@ def encoder_tokens(section: ml_collections.ConfigDict) -> int:
 
 def predicted_influence(folder: str, section: ml_collections.ConfigDict, prober: probe.Prober,
                         encoder: encoder_lib.Encoder, state_fn, pool, candidates_N: np.ndarray,
-                        tokens: dict[str, np.ndarray], reference: probe.Reference,
+                        tokens: dict[str, np.ndarray], reference: references.Reference,
                         probe_seed: int, fit_seed: int) -> tuple[np.ndarray, dict]:
     """Steps 1-3 for the candidates (pool ids `candidates_N`, sorted) from the train state
     `state_fn()` (called only if the oracle must be computed), the target items `reference`,
@@ -129,7 +129,7 @@ def _mean_std(values_N) -> tuple[float, float]:
 
 
 def overhead(model_cfg, encoder_cfg: encoder_lib.EncoderConfig, *, seq_len: int,
-             reference: probe.Reference, probes: int, fit_tokens: int, fit_epochs: int,
+             reference: references.Reference, probes: int, fit_tokens: int, fit_epochs: int,
              scored_tokens: int, window: int) -> dict:
     """Matmul FLOPs of one MATES selection step: `probe` (`probes` exact oracles), `fit`
     (`fit_epochs` passes of forward + backward, 3x the forward, over `fit_tokens` encoder

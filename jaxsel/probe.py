@@ -18,10 +18,9 @@ params / train-state pytree and arrays; `Prober` jits them once per run with the
   candidates; the state is an input of the jitted function, never mutated or re-read from disk.
 - First-order influence: `<grad L_ref(params), update(x)>`, i.e. `-lr * <grad L_ref, direction>`,
   and `first_order_spearman` to report how well it ranks like the exact one.
-- Reference sets (`Reference`): rows plus the positions whose next-token losses count and their
-  weights, so a perplexity reference (`reference_from_rows`, e.g. of pool ids) and LAMBADA-style
-  cloze items (`cloze_reference`, only the last word's tokens count) share one loss function,
-  `reference_loss`, which runs the LM head at those positions alone.
+- Reference sets (`references.Reference`: rows plus the positions whose next-token losses count
+  and their weights) are scored by one loss function, `reference_loss`, which runs the LM head
+  at those positions alone.
 
 Influence is `reference loss after the step - before`: negative means the candidate helps the
 reference set, so LOWER IS BETTER.
@@ -31,144 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.stats
 
-from jaxsel import evaluate, loss, rowmap, sharding, stream
-from jaxsel.data import tokenizer as tokenizer_lib
+from jaxsel import evaluate, loss, references, rowmap, sharding, stream
 from jaxsel.model.transformer import matmul_flops_per_token
 
 Array = jax.Array
 PROJECTION_KINDS = ("rademacher", "gaussian")
-
-
-# ------------------------------------------------------------------------------------------------
-# Reference sets.
-
-
-@flax.struct.dataclass
-class Reference:
-    """A reference set: rows `tokens_RxL`, `segments_RxL` int32, and in each row K positions
-    `positions_RxK` int32 with weights `weights_RxK` float32.
-
-    Weight `weights_RxK[r, j]` weights the loss of predicting token `t + 1` from position
-    `t = positions_RxK[r, j]`; as everywhere, only pairs inside one document count
-    (`loss.next_token_targets`), whatever their weight. The reference loss is the weighted mean of
-    those token losses over the whole set. Rows with fewer positions pad with weight 0.
-    `from_weights` builds one from a dense `[R, L]` weight per position, keeping only the pairs
-    that count (K = the most of any row), so the LM head runs where a loss is read and nowhere
-    else.
-    """
-
-    tokens_RxL: Array
-    segments_RxL: Array
-    positions_RxK: Array
-    weights_RxK: Array
-
-    @classmethod
-    def from_weights(cls, tokens_RxL, segments_RxL, weights_RxL) -> Reference:
-        """The positions of `weights_RxL` (numpy, [R, L]) with a positive weight and a target."""
-        tokens_RxL, segments_RxL = np.asarray(tokens_RxL), np.asarray(segments_RxL)
-        weights_RxL = np.asarray(weights_RxL, np.float32)
-        if not tokens_RxL.shape == segments_RxL.shape == weights_RxL.shape or \
-                tokens_RxL.ndim != 2:
-            raise ValueError(f"reference: tokens {tokens_RxL.shape}, segments "
-                             f"{segments_RxL.shape} and weights {weights_RxL.shape} must be [R, L] "
-                             "arrays of one shape")
-        _, mask_RxL = loss.next_token_targets(tokens_RxL, segments_RxL)
-        counts_RxL = np.asarray(mask_RxL) & (weights_RxL > 0)
-        width = max(int(counts_RxL.sum(1).max(initial=0)), 1)
-        # A stable sort puts each row's counted positions first, in order; the rest is padding.
-        positions_RxK = np.argsort(~counts_RxL, axis=1, kind="stable")[:, :width]
-        weights_RxK = np.where(np.take_along_axis(counts_RxL, positions_RxK, 1),
-                               np.take_along_axis(weights_RxL, positions_RxK, 1), 0.0)
-        return cls(tokens_RxL.astype(np.int32), segments_RxL.astype(np.int32),
-                   positions_RxK.astype(np.int32), weights_RxK.astype(np.float32))
-
-
-def reference_from_rows(rows: Mapping[str, np.ndarray]) -> Reference:
-    """A perplexity reference: every next-token loss of `rows` (e.g. `pool.rows(ids)`) counts."""
-    tokens, segments = _check_rows(rows, "rows")
-    return Reference.from_weights(tokens, segments, np.ones(tokens.shape, np.float32))
-
-
-def cloze_reference(rows: Mapping[str, np.ndarray], tokenizer, max_len: int = 0) -> Reference:
-    """LAMBADA-style cloze items: in each row only the tokens of its last whole word count.
-
-    The target of a row is the last word that is followed, inside the row and the same document,
-    by a word boundary (a token starting with whitespace or punctuation, or the end-of-document
-    token), so a word cut by the end of the row is never a target; the preceding tokens of its
-    document are the context. A word starts at a token that begins with whitespace, as byte-level
-    BPE tokenizes; that whitespace belongs to the target, as in LAMBADA's context / continuation
-    split. With `max_len` (0: the whole row), each item keeps only the `max_len` tokens that end
-    with its target (right-padded with segment 0 when shorter), as LAMBADA's passages are short:
-    the context is what comes before the target inside that window. Rows without such a word
-    after at least one context token are dropped; if none is left, a ValueError names `rows`.
-    """
-    tokens, segments = _check_rows(rows, "rows")
-    tokens, segments = np.asarray(tokens), np.asarray(segments)
-    if max_len < 0 or max_len == 1:
-        raise ValueError(f"max_len must be 0 (whole rows) or >= 2, got {max_len}")
-    width = tokens.shape[1] if max_len == 0 else min(max_len, tokens.shape[1])
-    items = {"tokens": [], "segments": [], "weights": []}
-    for r in range(tokens.shape[0]):
-        pieces = tokenizer.decode_batch([[int(t)] for t in tokens[r]])
-        span = _last_word_span(pieces, segments[r])
-        if span is None:
-            continue
-        start, end = span
-        first = max(0, end + 1 - width)
-        if first >= start:  # No context left in the window.
-            continue
-        weights = np.zeros(tokens.shape[1], np.float32)
-        weights[start - 1:end] = 1.0  # Position t predicts token t + 1.
-        window = slice(first, first + width)
-        for name, row in (("tokens", tokens[r]), ("segments", segments[r]),
-                          ("weights", weights)):
-            items[name].append(np.pad(row[window], (0, width - len(row[window]))))
-    if not items["tokens"]:
-        raise ValueError(f"rows: none of the {tokens.shape[0]} rows has a whole last word after "
-                         "some context")
-    return Reference.from_weights(*(np.stack(items[k]) for k in ("tokens", "segments",
-                                                                  "weights")))
-
-
-def cloze_from_pool(pool, ids, max_items: int, max_len: int = 0) -> Reference:
-    """Cloze items (`cloze_reference`, at most `max_len` tokens each) from the first `max_items`
-    of rows `ids` of `pool` (e.g. a held-out role's rows, `roles.Roles.rows`), decoded with the
-    pool's own tokenizer."""
-    ids = np.asarray(ids, np.int64)[:max_items]
-    if max_items < 1 or not ids.size:
-        raise ValueError(f"cloze items need max_items >= 1 and some rows, got {max_items} and "
-                         f"{ids.size} rows")
-    tokenizer = tokenizer_lib.load_tokenizer(pool.tokenizer_path)
-    return cloze_reference(pool.rows(ids), tokenizer, max_len)
-
-
-def _last_word_span(pieces: Sequence[str], segments_L: np.ndarray) -> tuple[int, int] | None:
-    """(first, last) token index of the row's last whole word with context, or None."""
-    end = len(pieces) - 2  # The last token has no known boundary after it.
-    while end >= 1:
-        seg = segments_L[end]
-        after = pieces[end + 1]
-        bounded = segments_L[end + 1] == seg and (
-            after == "" or after[0].isspace() or not (after[0].isalnum() or after[0] == "\ufffd"))
-        if seg == 0 or not bounded or not any(ch.isalnum() for ch in pieces[end]):
-            end -= 1
-            continue
-        start = end  # The word starts at a token beginning with whitespace.
-        while start >= 1 and segments_L[start - 1] == seg and not pieces[start][:1].isspace():
-            start -= 1
-        if start >= 1 and segments_L[start - 1] == seg and pieces[start][:1].isspace():
-            return start, end
-        end = start - 1
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,8 +55,8 @@ def example_loss(model, params, tokens_L: Array, segments_L: Array) -> Array:
     return loss.make_loss_fn(model)(params, batch)[0]
 
 
-def reference_loss(model, params, reference: Reference, batch_size: int) -> Array:
-    """Weighted mean next-token loss of `reference` (see `Reference`), float32 scalar.
+def reference_loss(model, params, reference: references.Reference, batch_size: int) -> Array:
+    """Weighted mean next-token loss of `reference` (see `references.Reference`), float32 scalar.
 
     Rows are scanned in batches of `batch_size` (padded with empty rows), so activation memory is
     that of one batch even when this is vmapped over many candidates' parameters.
@@ -195,7 +69,7 @@ def reference_loss(model, params, reference: Reference, batch_size: int) -> Arra
     return sums[0] / sums[1]
 
 
-def reference_grad(model, params, reference: Reference, batch_size: int):
+def reference_grad(model, params, reference: references.Reference, batch_size: int):
     """The gradient of `reference_loss` with respect to `params`, accumulated batch by batch
     (memory of one batch of activations, not of the whole reference set)."""
     value_and_grad = jax.value_and_grad(weighted_loss_sums, argnums=1, has_aux=True)
@@ -211,7 +85,7 @@ def reference_grad(model, params, reference: Reference, batch_size: int):
     return jax.tree.map(lambda g: g / weight, grads)
 
 
-def _batches(reference: Reference, batch_size: int) -> tuple[Array, ...]:
+def _batches(reference: references.Reference, batch_size: int) -> tuple[Array, ...]:
     """The reference's fields as [num_batches, batch_size, ...], padded with empty rows."""
     num_rows = reference.tokens_RxL.shape[0]
     batch_size = min(batch_size, num_rows)
@@ -250,7 +124,7 @@ def candidate_updates(model, tx: optax.GradientTransformation, state, tokens_L: 
     return updates
 
 
-def chunk_oracle_influence(state, batch: loss.Batch, reference: Reference, *, model, tx,
+def chunk_oracle_influence(state, batch: loss.Batch, reference: references.Reference, *, model, tx,
                            reference_batch_size: int, eval_batch_size: int) -> Array:
     """[B] exact one-step influence: reference loss after one `tx` step on each row of `batch`
     alone, minus the reference loss at `state`. Lower (more negative) is better.
@@ -271,8 +145,8 @@ def chunk_oracle_influence(state, batch: loss.Batch, reference: Reference, *, mo
     return after_B - before
 
 
-def chunk_first_order_influence(state, batch: loss.Batch, reference: Reference, *, model, tx,
-                                reference_batch_size: int) -> Array:
+def chunk_first_order_influence(state, batch: loss.Batch, reference: references.Reference, *,
+                                model, tx, reference_batch_size: int) -> Array:
     """[B] first-order influence `<grad L_ref(params), update(x)>`, the linearisation of
     `chunk_oracle_influence` (optax updates already carry the `-lr`). Lower is better."""
     grad_ref = reference_grad(model, state.params, reference, reference_batch_size)
@@ -349,7 +223,7 @@ def chunk_grad_features(params, batch: loss.Batch, projection: GradProjection, *
 # Driving a pool through the jitted functions.
 
 
-def oracle_matmul_flops(cfg, seq_len: int, reference: Reference) -> int:
+def oracle_matmul_flops(cfg, seq_len: int, reference: references.Reference) -> int:
     """Matmul FLOPs of one exact probe: a train step on `seq_len` tokens (forward + backward, 3x
     the forward) and the reference forward with the LM head at its target positions only."""
     head = 2 * cfg.d_model * cfg.vocab_size
@@ -407,13 +281,13 @@ class Prober:
             functools.partial(chunk_grad_features, model=trainer.model), static_argnums=2,
             in_shardings=(trainer.param_shardings, rows), out_shardings=replicated)
 
-    def reference_loss(self, params, reference: Reference) -> float:
+    def reference_loss(self, params, reference: references.Reference) -> float:
         """The loss of `reference` under `params` (`reference_loss`), e.g. to evaluate a model on
         the reference set its data was selected for."""
         return float(self._reference_loss(params, self.put(reference)))
 
     def oracle_influence(self, state, candidates: Mapping[str, np.ndarray],
-                         reference: Reference, progress: bool = True,
+                         reference: references.Reference, progress: bool = True,
                          to: stream.Target | None = None) -> np.ndarray:
         """[N] float32 exact one-step influence of each candidate on `reference` from `state`
         (`chunk_oracle_influence`): reference loss after - before. Lower is better."""
@@ -422,7 +296,7 @@ class Prober:
                         "oracle influence", progress, to)
 
     def first_order_influence(self, state, candidates: Mapping[str, np.ndarray],
-                              reference: Reference, progress: bool = True,
+                              reference: references.Reference, progress: bool = True,
                               to: stream.Target | None = None) -> np.ndarray:
         """[N] float32 first-order influence (`chunk_first_order_influence`). Lower is better."""
         reference = self.put(reference)
@@ -436,21 +310,22 @@ class Prober:
         return self.map(lambda chunk: self._features(params, chunk, projection), candidates,
                         "gradient features", progress, to)
 
-    def put(self, reference: Reference) -> Reference:
+    def put(self, reference: references.Reference) -> references.Reference:
         """Checks `reference` (`evaluate.check_rows`) and makes it a replicated global array on
         the mesh."""
         rows = evaluate.check_rows(self.trainer, "reference", reference.tokens_RxL,
                                    reference.segments_RxL, reference.positions_RxK,
                                    reference.weights_RxK, every_row=False)
         replicated = sharding.replicated(self.trainer.mesh)
-        return Reference(*(jax.make_array_from_process_local_data(replicated, x) for x in rows))
+        return references.Reference(*(jax.make_array_from_process_local_data(replicated, x)
+                                      for x in rows))
 
     def map(self, fn, candidates, desc: str, progress: bool,
             to: stream.Target | None = None) -> np.ndarray:
         """`fn(chunk)` over the candidates' chunks (`stream.map_rows`): an array, or a pytree of
         arrays, aligned with the candidates' rows: float32 in memory, or streamed `to` a target
         (memory-mapped)."""
-        tokens, segments = _check_rows(candidates, "candidates", self.seq_len)
+        tokens, segments = references.check_token_rows(candidates, "candidates", self.seq_len)
 
         def read(idx):
             return {"tokens": np.asarray(tokens[idx], np.int32),
@@ -485,21 +360,3 @@ def first_order_spearman(exact_N: np.ndarray, first_order_N: np.ndarray) -> floa
         raise ValueError(f"exact_N {exact_N.shape} and first_order_N {first_order_N.shape} must "
                          "be [N] arrays of one shape with N >= 2")
     return float(scipy.stats.spearmanr(exact_N, first_order_N).statistic)
-
-
-def _check_rows(rows, name: str, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`rows["tokens"]`, `rows["segments"]` after checking they are [N, L] with N >= 1 (and
-    L = seq_len); reads no data, so memory-mapped pools and `Pool.view`s stay on disk."""
-    if not isinstance(rows, Mapping) or not {"tokens", "segments"} <= set(rows):
-        raise ValueError(f"{name}: expected a mapping with 'tokens' and 'segments' arrays")
-    tokens, segments = (x if hasattr(x, "shape") else np.asarray(x)
-                        for x in (rows["tokens"], rows["segments"]))
-    if tokens.ndim != 2 or tokens.shape != segments.shape:
-        raise ValueError(f"{name}: tokens {tokens.shape} and segments {segments.shape} must be "
-                         "[N, L] arrays of one shape")
-    if tokens.shape[0] == 0:
-        raise ValueError(f"{name}: empty (0 sequences)")
-    if seq_len is not None and tokens.shape[1] != seq_len:
-        raise ValueError(f"{name}: sequences have {tokens.shape[1]} tokens but the run's "
-                         f"config.data.seq_len is {seq_len}")
-    return tokens, segments

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxsel import checkpoint, downstream, evaluate, files, probe, report, train
+from jaxsel import checkpoint, downstream, evaluate, files, references, report, train
 from jaxsel import roles as roles_lib
 from jaxsel.data import pipeline
 from jaxsel.data import pool as pool_lib
@@ -40,7 +40,7 @@ class Data:
 
     pools: dict
     roles: roles_lib.Roles
-    items: dict[str, probe.Reference]
+    items: dict[str, references.Reference]
     suite: downstream.Suite
 
     @property
@@ -67,7 +67,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     items = {}
     if roles.target_domain:
         r = config.roles
-        items = {role: probe.cloze_from_pool(pools["heldout"], roles.ids[role], count,
+        items = {role: references.cloze_from_pool(pools["heldout"], roles.ids[role], count,
                                              r.item_len)
                  for role, count in (("target", r.target_items),
                                      ("target_eval", r.target_eval_items))}

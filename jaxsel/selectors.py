@@ -49,6 +49,7 @@ from jaxsel import (
     mates,
     minhash,
     probe,
+    references,
     report,
     select,
     similarity,
@@ -78,7 +79,7 @@ class Candidates:
     """
 
     def __init__(self, folder: str, section: ml_collections.ConfigDict, pool, ids: np.ndarray,
-                 trainer, state_fn, model_fn, reference: probe.Reference, seed: int,
+                 trainer, state_fn, model_fn, reference: references.Reference, seed: int,
                  progress: bool = True):
         self.folder, self.section, self.pool, self.ids = folder, section, pool, ids
         self.trainer, self.state_fn, self.model_fn = trainer, state_fn, model_fn

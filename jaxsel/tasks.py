@@ -2,7 +2,7 @@
 
 A multiple-choice task (`MultipleChoice`) has one row per (item, choice) pair: the item's context
 followed by the choice as its continuation, in one document (segment 1; 0 pads the row). Only the
-choice's tokens count, exactly as in a `probe.Reference` row: weight 1 at position `t` scores
+choice's tokens count, exactly as in a `references.Reference` row: weight 1 at position `t` scores
 predicting token `t + 1`, so a choice's log-likelihood is minus the sum of its token losses given
 the context. `jaxsel.evaluate.multiple_choice` scores it as lm-evaluation-harness does.
 

@@ -20,6 +20,7 @@ from jaxsel import (
     embed,
     group_mates,
     probe,
+    references,
     report,
     runs,
     select,
@@ -334,7 +335,7 @@ def test_report_numbers_recomputed_from_models_and_picks(tiny_run):
     config, pool = tiny_run["config"], data.train_pool
     trainer = train.Trainer(cmp.model_config(config))
     # Out-of-sample loss of two arms, from their saved params, by hand.
-    items = probe.cloze_from_pool(data.heldout, data.roles.ids["target_eval"],
+    items = references.cloze_from_pool(data.heldout, data.roles.ids["target_eval"],
                                   config.roles.target_eval_items)
     for name in ("random", "nearest"):
         params = checkpoint.load_params(result["folders"][name], trainer.abstract_params())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxsel import config as config_lib
-from jaxsel import downstream, evaluate, probe, tasks, train
+from jaxsel import downstream, evaluate, references, tasks, train
 from jaxsel.data import pool as pool_lib
 from tests.workers import probe_worker
 
@@ -84,7 +84,7 @@ def test_run_reports_each_task_as_evaluate_does_and_macro_averages(setup, tmp_pa
         if isinstance(task, tasks.MultipleChoice):
             assert result["tasks"][name] == evaluate.multiple_choice(trainer, params, task, 5)
         else:
-            assert isinstance(task, probe.Reference)
+            assert isinstance(task, references.Reference)
             assert result["tasks"][name] == evaluate.cloze_accuracy(trainer, params, task, 5)
     cloze = [result["tasks"][f"cloze/{d}"]["accuracy"] for d in heldout.domain_names]
     continuation = [result["tasks"][f"continuation/{d}"]["acc"] for d in heldout.domain_names]

@@ -16,20 +16,20 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from jaxsel import evaluate, loss, probe, tasks, train
+from jaxsel import evaluate, loss, probe, references, tasks, train
 from jaxsel.data import pool as pool_lib
 from jaxsel.data import tokenizer as tokenizer_lib
 from tests.workers import probe_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MC_FIELDS = [f.name for f in dataclasses.fields(tasks.MultipleChoice)][:7]
-CLOZE_FIELDS = [f.name for f in dataclasses.fields(probe.Reference)]
+CLOZE_FIELDS = [f.name for f in dataclasses.fields(references.Reference)]
 
 # Evaluates saved params, cloze items and a task on a 2 x 4 (data x fsdp) mesh of 8 devices.
 EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from jaxsel import evaluate, probe, tasks, train
+    from jaxsel import evaluate, references, tasks, train
     from tests.workers import probe_worker
     data = np.load(sys.argv[1])
     trainer = train.Trainer(probe_worker.tiny_config(data=2, fsdp=4))
@@ -37,7 +37,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     params = jax.device_put(jax.tree.unflatten(
         structure, [data[f"param_{i}"] for i in range(structure.num_leaves)]),
         trainer.param_shardings)
-    items = probe.Reference(*(data[f"cloze_{k}"] for k in sys.argv[3].split(",")))
+    items = references.Reference(*(data[f"cloze_{k}"] for k in sys.argv[3].split(",")))
     mc = tasks.MultipleChoice(*(data[f"mc_{k}"] for k in sys.argv[4].split(",")))
     cloze = evaluate.cloze_accuracy(trainer, params, items, 8, per_item=True)
     choice = evaluate.multiple_choice(trainer, params, mc, 24, per_item=True)
@@ -67,7 +67,7 @@ def run(tmp_path_factory):
     for _ in range(config.train.steps):
         batch = heldout.rows(rng.choice(prose, probe_worker.BATCH))
         state, _ = trainer.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-    cloze = probe.cloze_from_pool(heldout, prose, 40)
+    cloze = references.cloze_from_pool(heldout, prose, 40)
     mc = tasks.continuation_task(heldout, prose, 32, 4, context_len=8, continuation_len=4,
                                  seed=0)
     inputs, eight = tmp / "inputs.npz", tmp / "eight.npz"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import compare_selectors as cmp_config
-from jaxsel import group_mates, probe, selectors
+from jaxsel import group_mates, references, selectors
 from jaxsel.data import pool as pool_lib
 from tests.workers import probe_worker
 
@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     train_pool, heldout = pools["train"], pools["heldout"]
     rows = heldout.rows(heldout.ids_of_domain("prose")[:4])
     weights = rng.integers(0, 2, rows["tokens"].shape).astype(np.float32)
-    reference = probe.Reference.from_weights(rows["tokens"], rows["segments"], weights)
+    reference = references.Reference.from_weights(rows["tokens"], rows["segments"], weights)
     group_ids = rng.choice(len(train_pool), (6, 3), replace=False)
     return dict(config=config, trainer=trainer, state=state, train=train_pool, heldout=heldout,
                 reference=reference, reference_rows=(rows["tokens"], rows["segments"], weights),

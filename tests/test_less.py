@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from optax import tree_utils
 
-from jaxsel import less, probe
+from jaxsel import less, probe, references
 from tests.workers import probe_worker
 
 
@@ -58,7 +58,7 @@ def run(tmp_path_factory):
     rows = heldout.rows(heldout.ids_of_domain("prose")[:3])
     weights = rng.integers(0, 2, rows["tokens"].shape).astype(np.float32)
     weights[:, :2] = 1.0
-    reference = probe.Reference.from_weights(rows["tokens"], rows["segments"], weights)
+    reference = references.Reference.from_weights(rows["tokens"], rows["segments"], weights)
     return dict(trainer=trainer, state=state, candidates=candidates, reference=reference,
                 rows=(rows["tokens"], rows["segments"], weights))
 

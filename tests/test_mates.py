@@ -14,7 +14,7 @@ import pytest
 
 from experiments import mates
 from experiments.configs import mates as mates_config
-from jaxsel import checkpoint, probe, report, runs, select, train
+from jaxsel import checkpoint, references, report, runs, select, train
 from jaxsel import config as config_lib
 from jaxsel.model import encoder as encoder_lib
 from tests import experiment_runs as runs_lib
@@ -169,7 +169,7 @@ def test_report_recomputed_from_the_saved_models(tiny_run):
     workdir, result, data, config = (tiny_run[k] for k in ("workdir", "result", "data",
                                                             "config"))
     trainer = train.Trainer(mates.stage_config(config, 2))
-    items = probe.cloze_from_pool(data.heldout, data.roles.ids["target_eval"],
+    items = references.cloze_from_pool(data.heldout, data.roles.ids["target_eval"],
                                   config.roles.target_eval_items)
     finals = {}
     for arm in mates.ARMS:  # The final model is the last stage's decayed copy.

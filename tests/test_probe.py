@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsel import probe, stream
+from jaxsel import probe, references, stream
 from jaxsel.data import tokenizer as tokenizer_lib
 from tests.workers import probe_worker
 
@@ -52,7 +52,7 @@ def run(tmp_path_factory):
     candidates = train_pool.rows(rng.choice(len(train_pool), 10, replace=False))
     rows = heldout.rows(heldout.ids_of_domain("prose")[:5])
     weights = rng.integers(0, 2, rows["tokens"].shape).astype(np.float32)
-    reference = probe.Reference.from_weights(rows["tokens"], rows["segments"], weights)
+    reference = references.Reference.from_weights(rows["tokens"], rows["segments"], weights)
     probe_worker.save_inputs(tmp / "inputs.npz", state, candidates, reference)
     eight = tmp / "eight.npz"
     worker = subprocess.Popen(
@@ -180,7 +180,7 @@ def test_eight_devices_match_one_device(run):
 
 def test_own_domain_candidates_beat_junk(run):
     train_pool, heldout = run["train"], run["heldout"]
-    reference = probe.reference_from_rows(heldout.rows(heldout.ids_of_domain("prose")[:5]))
+    reference = references.from_rows(heldout.rows(heldout.ids_of_domain("prose")[:5]))
     prose = train_pool.ids_of_domain("prose")[:8]
     junk = np.flatnonzero(train_pool.labels == train_pool.label_names.index("junk"))
     assert junk.size >= 3
@@ -237,7 +237,7 @@ def test_cloze_weights_only_the_last_whole_word(run):
         for doc_index, doc in enumerate(docs, start=1):
             tokens[r, at:at + len(doc)], segments[r, at:at + len(doc)] = doc, doc_index
             at += len(doc)
-    reference = probe.cloze_reference({"tokens": tokens, "segments": segments}, tokenizer)
+    reference = references.cloze({"tokens": tokens, "segments": segments}, tokenizer)
     assert reference.tokens_RxL.shape == (2, length)
     positions, weights = reference.positions_RxK, reference.weights_RxK
     targets = [tokenizer.decode(list(reference.tokens_RxL[r][positions[r][weights[r] > 0] + 1]))
@@ -247,7 +247,7 @@ def test_cloze_weights_only_the_last_whole_word(run):
     # Windows of n tokens ending with each target: the same targets, predicted from the tokens
     # just before them.
     n = positions.shape[1] + 2
-    window = probe.cloze_reference({"tokens": tokens, "segments": segments}, tokenizer, n)
+    window = references.cloze({"tokens": tokens, "segments": segments}, tokenizer, n)
     assert window.tokens_RxL.shape == (2, n)
     for r in range(2):
         counted = window.positions_RxK[r][window.weights_RxK[r] > 0]
@@ -257,19 +257,19 @@ def test_cloze_weights_only_the_last_whole_word(run):
         np.testing.assert_array_equal(window.tokens_RxL[r],
                                       reference.tokens_RxL[r][end - n + 1:end + 1])
     with pytest.raises(ValueError, match="max_len"):
-        probe.cloze_reference({"tokens": tokens, "segments": segments}, tokenizer, 1)
+        references.cloze({"tokens": tokens, "segments": segments}, tokenizer, 1)
     prose = run["heldout"].ids_of_domain("prose")
-    items = probe.cloze_from_pool(run["heldout"], prose, 4)
+    items = references.cloze_from_pool(run["heldout"], prose, 4)
     assert 1 <= len(items.tokens_RxL) <= 4
     assert (items.weights_RxK.sum(1) >= 1).all()
-    later = probe.cloze_from_pool(run["heldout"], prose[4:], 3)
+    later = references.cloze_from_pool(run["heldout"], prose[4:], 3)
     rows = run["heldout"].rows(prose[4:7])["tokens"]
     assert any((r == rows).all(1).any() for r in later.tokens_RxL)
     assert all((r == rows).all(1).any() for r in later.tokens_RxL)  # Only rows 4, 5, 6.
     with pytest.raises(ValueError, match="some rows"):
-        probe.cloze_from_pool(run["heldout"], prose[:0], 3)
+        references.cloze_from_pool(run["heldout"], prose[:0], 3)
     with pytest.raises(ValueError, match="rows"):
-        probe.cloze_reference({"tokens": tokens[2:], "segments": segments[2:]}, tokenizer)
+        references.cloze({"tokens": tokens[2:], "segments": segments[2:]}, tokenizer)
 
 
 def test_bad_input_names_the_argument(run):
@@ -292,7 +292,7 @@ def test_bad_input_names_the_argument(run):
     with pytest.raises(ValueError, match="candidates"):
         prober.grad_features(state.params, {"tokens": candidates["tokens"]},
                              probe_worker.PROJECTION, progress=False)
-    no_rows = probe.Reference(*(np.asarray(x)[:0] for x in jax.tree.leaves(reference)))
+    no_rows = references.Reference(*(np.asarray(x)[:0] for x in jax.tree.leaves(reference)))
     with pytest.raises(ValueError, match="reference: needs"):
         prober.oracle_influence(state, candidates, no_rows, progress=False)
     unweighted = reference.replace(weights_RxK=np.zeros_like(reference.weights_RxK))
@@ -303,7 +303,7 @@ def test_bad_input_names_the_argument(run):
         prober.oracle_influence(state, candidates, outside, progress=False)
     tokens, segments, weights = run["reference_rows"]
     with pytest.raises(ValueError, match="reference: tokens"):
-        probe.Reference.from_weights(tokens, segments, weights[:, :-1])
+        references.Reference.from_weights(tokens, segments, weights[:, :-1])
     with pytest.raises(ValueError, match="projection.k"):
         probe.GradProjection(k=0)
     with pytest.raises(ValueError, match="projection.kind"):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsel import config as config_lib
-from jaxsel import probe, train
+from jaxsel import probe, references, train
 from jaxsel.data import pool as pool_lib
 
 SEQ, VOCAB, BATCH = 32, 512, 8
@@ -60,8 +60,8 @@ def load_inputs(path, trainer):
                                            for i in range(structure.num_leaves)])
     state = jax.device_put(state, trainer.state_shardings)
     candidates = {k: data[f"candidates_{k}"] for k in ("tokens", "segments")}
-    reference = probe.Reference(*(data[f"reference_{i}"]
-                                  for i in range(len(dataclasses.fields(probe.Reference)))))
+    reference = references.Reference(*(data[f"reference_{i}"]
+                                  for i in range(len(dataclasses.fields(references.Reference)))))
     return state, candidates, reference
 
 
