@@ -25,11 +25,11 @@ import os
 import time
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.cluster import hierarchy
 from scipy.spatial.distance import pdist
 
 from benchmarks.common import emit
-from jaxsel import cluster, similarity
+from jaxsel import linkage, similarity
 
 
 def make_data(n: int, dim: int, clusters: int, background: float, seed: int) -> np.ndarray:
@@ -78,15 +78,15 @@ def bench_full(x_NxD, k: int, num_neighbors: int, missing: float, scann: dict):
 
 def bench_sample(x_NxD, k: int, num_neighbors: int, missing: float, scann: dict):
     start = time.perf_counter()
-    edges = cluster.knn_graph(x_NxD, num_neighbors, scann)
-    labels, epsilon = cluster.rac(len(x_NxD), *edges, missing).labels_for(k)
+    edges = linkage.knn_graph(x_NxD, num_neighbors, scann)
+    labels, epsilon = linkage.rac(len(x_NxD), *edges, missing).labels_for(k)
     ours_s = time.perf_counter() - start
-    coverage = cluster.pair_coverage(labels, *edges[:2])
+    coverage = linkage.pair_coverage(labels, *edges[:2])
     start = time.perf_counter()
-    exact = linkage(pdist(x_NxD.astype(np.float64), "cosine"), "average")
+    exact = hierarchy.linkage(pdist(x_NxD.astype(np.float64), "cosine"), "average")
     exact_s = time.perf_counter() - start
-    at_epsilon = fcluster(exact, epsilon, "distance")
-    at_k = fcluster(exact, k, "maxclust")
+    at_epsilon = hierarchy.fcluster(exact, epsilon, "distance")
+    at_k = hierarchy.fcluster(exact, k, "maxclust")
     return emit({"method": "sample_vs_exact", "points": len(x_NxD), "k": k, "epsilon": epsilon,
                  "clusters": int(labels.max()) + 1, "exact_clusters": int(at_epsilon.max()),
                  "pair_coverage": coverage,

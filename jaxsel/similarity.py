@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsel import cluster, embed, search, select
+from jaxsel import embed, linkage, search, select
 from jaxsel.embed import check_embeddings
 
 # dedup counts a similarity >= threshold - _SLACK as a duplicate, so that threshold 1 catches
@@ -47,13 +47,13 @@ def threshold_clusters(emb_NxD, k: int, num_neighbors: int = 64, missing_distanc
                        progress: bool = False) -> tuple[np.ndarray, dict]:
     """`[N]` labels (0..C-1, by lowest member id) of an average-linkage threshold clustering cut
     at k clusters, and the cut's params: rows are clustered by average linkage on cosine
-    distance over their `num_neighbors`-nearest-neighbour graph (`cluster.knn_graph`,
-    `cluster.rac`; a pair the graph lacks counts as `missing_distance` apart), cut at the
+    distance over their `num_neighbors`-nearest-neighbour graph (`linkage.knn_graph`,
+    `linkage.rac`; a pair the graph lacks counts as `missing_distance` apart), cut at the
     threshold `epsilon` that leaves k clusters: after the N - k lowest merges, epsilon the height
     of the last (None when k = N). When the graph allows fewer than N - k merges (it is
     disconnected, or clusters lie `missing_distance` apart), more clusters remain
-    (`num_clusters`). `pair_coverage` (`cluster.pair_coverage`): near 1 the clusters are those of
-    exact average linkage; well below, `missing_distance` dominates their linkage (add
+    (`num_clusters`). `pair_coverage` (`linkage.pair_coverage`): near 1 the clusters are those
+    of exact average linkage; well below, `missing_distance` dominates their linkage (add
     neighbours). 64 neighbours: `benchmarks/diversity.py` measures ARI 0.95 against exact
     average linkage (0.87 with 32)."""
     emb_NxD = check_embeddings(emb_NxD, "emb_NxD", nonzero=True)
@@ -61,12 +61,12 @@ def threshold_clusters(emb_NxD, k: int, num_neighbors: int = 64, missing_distanc
     k = select.check_k(k, n)
     if not select.is_int(num_neighbors) or num_neighbors < 1:
         raise ValueError(f"num_neighbors must be an int >= 1, got {num_neighbors!r}")
-    u_E, v_E, dist_E = cluster.knn_graph(emb_NxD, num_neighbors, scann_overrides, progress)
-    dendrogram = cluster.rac(n, u_E, v_E, dist_E, missing_distance, progress)
+    u_E, v_E, dist_E = linkage.knn_graph(emb_NxD, num_neighbors, scann_overrides, progress)
+    dendrogram = linkage.rac(n, u_E, v_E, dist_E, missing_distance, progress)
     labels_N, epsilon = dendrogram.labels_for(k)
     params = dict(k=k, epsilon=epsilon, num_clusters=int(labels_N.max()) + 1,
                   num_neighbors=int(num_neighbors), missing_distance=missing_distance,
-                  num_edges=len(u_E), pair_coverage=cluster.pair_coverage(labels_N, u_E, v_E),
+                  num_edges=len(u_E), pair_coverage=linkage.pair_coverage(labels_N, u_E, v_E),
                   scann_overrides=dict(scann_overrides or {}))
     return labels_N, params
 

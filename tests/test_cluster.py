@@ -10,10 +10,10 @@ import tempfile
 
 import numpy as np
 import pytest
-from scipy.cluster.hierarchy import fcluster, is_monotonic, is_valid_linkage, linkage
+from scipy.cluster import hierarchy
 from scipy.spatial.distance import pdist, squareform
 
-from jaxsel import cluster
+from jaxsel import cluster, linkage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,24 +33,24 @@ def same_partition(a, b) -> bool:
 
 def test_complete_graph_equals_scipy_average_linkage():
     x = blobs(np.random.default_rng(0), 300)
-    u, v, dist = cluster.knn_graph(x, 299)
+    u, v, dist = linkage.knn_graph(x, 299)
     assert len(u) == 300 * 299 // 2
     # With every pair an edge nothing is missing; missing_distance=2 (the largest cosine
     # distance) only lets the dendrogram run to the end.
-    tree = cluster.rac(300, u, v, dist, missing_distance=2.0)
-    z = linkage(pdist(x.astype(np.float64), "cosine"), "average")
+    tree = linkage.rac(300, u, v, dist, missing_distance=2.0)
+    z = hierarchy.linkage(pdist(x.astype(np.float64), "cosine"), "average")
     assert tree.merges_Mx4.shape == (299, 4)
-    assert is_valid_linkage(tree.merges_Mx4) and is_monotonic(tree.merges_Mx4)
+    assert hierarchy.is_valid_linkage(tree.merges_Mx4) and hierarchy.is_monotonic(tree.merges_Mx4)
     np.testing.assert_allclose(tree.merges_Mx4[:, 2], np.sort(z[:, 2]), rtol=0, atol=1e-9)
     for epsilon in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5):
         labels = tree.labels_at(epsilon)
-        assert same_partition(labels, fcluster(z, epsilon, "distance")), epsilon
+        assert same_partition(labels, hierarchy.fcluster(z, epsilon, "distance")), epsilon
         starts = [np.flatnonzero(labels == c)[0] for c in range(labels.max() + 1)]
         assert np.all(np.diff(starts) > 0), "labels go in the order of the lowest member"
     for k in (1, 7, 40, 150, 300):
         labels, epsilon = tree.labels_for(k)
         assert labels.max() + 1 == k
-        assert same_partition(labels, fcluster(z, k, "maxclust"))
+        assert same_partition(labels, hierarchy.fcluster(z, k, "maxclust"))
         assert epsilon == (None if k == 300 else tree.merges_Mx4[299 - k, 2])
         if k < 300:
             assert same_partition(tree.labels_at(epsilon), labels)
@@ -58,7 +58,7 @@ def test_complete_graph_equals_scipy_average_linkage():
 
 def test_knn_graph_is_the_union_of_nearest_neighbour_lists():
     x = blobs(np.random.default_rng(1), 200)
-    u, v, dist = cluster.knn_graph(x, 6)
+    u, v, dist = linkage.knn_graph(x, 6)
     x64 = x.astype(np.float64)
     cos = squareform(pdist(x64, "cosine"))
     np.fill_diagonal(cos, np.inf)
@@ -72,28 +72,28 @@ def test_sparse_graph_is_exact_hac_of_the_modified_dissimilarity():
     # Below missing_distance the merges are those of exact average linkage on the matrix whose
     # pairs missing from the graph are set to missing_distance.
     x = blobs(np.random.default_rng(2), 300, spread=0.8)
-    u, v, dist = cluster.knn_graph(x, 5)
+    u, v, dist = linkage.knn_graph(x, 5)
     missing = 0.2  # some clusters stay apart: their edges average at least 0.2
-    tree = cluster.rac(300, u, v, dist, missing_distance=missing)
+    tree = linkage.rac(300, u, v, dist, missing_distance=missing)
     modified = np.full((300, 300), missing)
     modified[u, v] = modified[v, u] = dist
     np.fill_diagonal(modified, 0)
-    z = linkage(squareform(modified), "average")
+    z = hierarchy.linkage(squareform(modified), "average")
     below = np.sort(z[:, 2])[np.sort(z[:, 2]) < missing - 1e-9]
     assert 0 < len(below) < 299 and np.all(tree.merges_Mx4[:, 2] < missing)
     np.testing.assert_allclose(tree.merges_Mx4[:, 2], below, rtol=0, atol=1e-9)
     for epsilon in (0.05, 0.1, 0.15, missing - 1e-6):
-        assert same_partition(tree.labels_at(epsilon), fcluster(z, epsilon, "distance"))
+        assert same_partition(tree.labels_at(epsilon), hierarchy.fcluster(z, epsilon, "distance"))
 
 
 def test_ties_are_broken_by_the_lower_id():
     u, v = np.array([0, 0, 0, 1, 1, 2]), np.array([1, 2, 3, 2, 3, 3])
-    tree = cluster.rac(4, u, v, np.full(6, 0.5))
+    tree = linkage.rac(4, u, v, np.full(6, 0.5))
     # Round 1: 0 and 1 pick each other (1 is 0's lowest tied neighbour); 2 and 3 pick 0.
     # Round 2: 2 and 3 pick each other (3 < 4); round 3: the two pairs.
     np.testing.assert_array_equal(tree.merges_Mx4, [[0, 1, 0.5, 2], [2, 3, 0.5, 2],
                                                     [4, 5, 0.5, 4]])
-    again = cluster.rac(4, u, v, np.full(6, 0.5))
+    again = linkage.rac(4, u, v, np.full(6, 0.5))
     np.testing.assert_array_equal(again.leaves_Mx2, tree.leaves_Mx2)
 
 
@@ -102,30 +102,30 @@ def test_disconnected_graph_leaves_more_clusters_than_the_budget():
     centres = 10 * np.eye(8)[:3]
     x = np.concatenate([c + 0.1 * rng.standard_normal((s, 8)) for c, s in
                         zip(centres, (12, 10, 8), strict=True)]).astype(np.float32)
-    tree = cluster.rac(30, *cluster.knn_graph(x, 4))
+    tree = linkage.rac(30, *linkage.knn_graph(x, 4))
     assert len(tree.merges_Mx4) == 27  # three components: 29 - 2 merges are impossible
     labels, epsilon = tree.labels_for(2)
     assert labels.max() + 1 == 3 and epsilon == tree.merges_Mx4[-1, 2]
     np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], [12, 10, 8]))
     assert tree.labels_for(3)[0].tolist() == labels.tolist()
-    one = cluster.rac(1, [], [], [])
+    one = linkage.rac(1, [], [], [])
     assert one.merges_Mx4.shape == (0, 4) and one.labels_for(1)[0].tolist() == [0]
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: cluster.knn_graph(np.zeros((0, 4)), 3), "x_NxD"),
-    (lambda: cluster.knn_graph([[1.0, np.nan], [1.0, 2.0]], 1), "x_NxD has 1 rows with NaN"),
-    (lambda: cluster.knn_graph([[0.0, 0.0], [1.0, 2.0]], 1), "x_NxD has 1 all-zero rows"),
-    (lambda: cluster.knn_graph(np.ones((3, 2)), 0), "num_neighbors must be an int >= 1"),
-    (lambda: cluster.rac(0, [], [], []), "num_points"),
-    (lambda: cluster.rac(3, [0], [1], [0.5], missing_distance=0), "missing_distance"),
-    (lambda: cluster.rac(3, [0], [1], [0.5], missing_distance=np.inf), "missing_distance"),
-    (lambda: cluster.rac(3, [0, 1], [1], [0.5]), "one length"),
-    (lambda: cluster.rac(3, [0], [3], [0.5]), r"distinct point ids in \[0, 3\)"),
-    (lambda: cluster.rac(3, [1], [1], [0.5]), "distinct point ids"),
-    (lambda: cluster.rac(3, [0], [1], [np.nan]), "dist_E"),
-    (lambda: cluster.rac(3, [0], [1], [-0.1]), "dist_E"),
-    (lambda: cluster.rac(3, [0], [1], [0.5]).labels_for(4), r"k must be in \[1, 3\]"),
+    (lambda: linkage.knn_graph(np.zeros((0, 4)), 3), "x_NxD"),
+    (lambda: linkage.knn_graph([[1.0, np.nan], [1.0, 2.0]], 1), "x_NxD has 1 rows with NaN"),
+    (lambda: linkage.knn_graph([[0.0, 0.0], [1.0, 2.0]], 1), "x_NxD has 1 all-zero rows"),
+    (lambda: linkage.knn_graph(np.ones((3, 2)), 0), "num_neighbors must be an int >= 1"),
+    (lambda: linkage.rac(0, [], [], []), "num_points"),
+    (lambda: linkage.rac(3, [0], [1], [0.5], missing_distance=0), "missing_distance"),
+    (lambda: linkage.rac(3, [0], [1], [0.5], missing_distance=np.inf), "missing_distance"),
+    (lambda: linkage.rac(3, [0, 1], [1], [0.5]), "one length"),
+    (lambda: linkage.rac(3, [0], [3], [0.5]), r"distinct point ids in \[0, 3\)"),
+    (lambda: linkage.rac(3, [1], [1], [0.5]), "distinct point ids"),
+    (lambda: linkage.rac(3, [0], [1], [np.nan]), "dist_E"),
+    (lambda: linkage.rac(3, [0], [1], [-0.1]), "dist_E"),
+    (lambda: linkage.rac(3, [0], [1], [0.5]).labels_for(4), r"k must be in \[1, 3\]"),
 ])
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
