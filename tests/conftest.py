@@ -6,11 +6,11 @@ import os
 import shutil
 import tempfile
 
-import fsspec
 import jax
 import pytest
 from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
+
+from tests import fake_gcs
 
 _OWN_CACHE = []
 
@@ -32,22 +32,13 @@ def pytest_unconfigure(config):
 
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
-    """`gs://` served by an in-memory file system (fsspec's memory file system, under the `gs`
-    protocol that `etils.epath` reaches through fsspec), and a fresh local scratch folder:
-    `gs://bucket/...` paths work as they do where gcsfs is installed. Yields the in-memory store
-    (object name -> bytes) to inspect or damage."""
-    class FakeGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-        store: dict = {}
-        pseudo_dirs = [""]
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            return str(path).removeprefix("gs://").strip("/")
-
-    for name in FakeGCS.protocol:
-        fsspec.register_implementation(name, FakeGCS, clobber=True)
-    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    """`gs://` served from a local folder (`tests.fake_gcs`) and a fresh local scratch folder:
+    `gs://bucket/...` paths work as they do where gcsfs is installed. Yields the folder that
+    holds the buckets (`gs://bucket/x` is `<it>/bucket/x`), to inspect or damage."""
+    root = tmp_path / "buckets"
+    root.mkdir()
+    monkeypatch.setenv(fake_gcs.ROOT_ENV, str(root))
     monkeypatch.setenv("JAXSEL_SCRATCH", str(tmp_path / "scratch"))
-    yield FakeGCS.store
+    fake_gcs.install(root)
+    yield root
     epath.backend.fsspec_backend._get_filesystem.cache_clear()

@@ -175,12 +175,12 @@ def test_pretrains_on_a_saved_selection_of_this_pool(tmp_path):
 
 
 def test_a_run_and_its_pool_cache_on_gs_paths(tmp_path, bucket, monkeypatch):
-    """`--workdir` and `data.cache_dir` on `gs://` (an in-memory bucket): the run writes its
-    config, metrics, TensorBoard events, figure and report into the bucket, the pool is cached
-    there (complete, then read back from a fresh local scratch as the same rows a local cache
-    holds), and the finished run is found again from another machine. Orbax writes `gs://`
-    itself (TensorStore's driver, which the in-memory bucket cannot serve), so its checkpoints
-    go to a local folder here."""
+    """`--workdir` and `data.cache_dir` on `gs://` (a stand-in bucket, `tests.fake_gcs`): the
+    run writes its config, metrics, TensorBoard events, figure and report into the bucket, the
+    pool is cached there (complete, then read back from a fresh local scratch as the same rows a
+    local cache holds), and the finished run is found again from another machine. Orbax writes
+    `gs://` itself (TensorStore's driver, which the stand-in bucket cannot serve), so its
+    checkpoints go to a local folder here."""
     manager = checkpoint.manager
     monkeypatch.setattr(checkpoint, "manager", lambda workdir, *a, **k: manager(
         workdir.replace("gs://bucket", str(tmp_path / "orbax")), *a, **k))

@@ -133,27 +133,36 @@ def test_a_failed_write_names_the_chunk_and_keeps_the_done_ones(tmp_path, data, 
     assert reads == set(range(16, N))
 
 
-@pytest.mark.parametrize("mode", ["none", "mesh"])
-def test_two_processes_write_what_one_writes(tmp_path, expected, mode):
+@pytest.mark.parametrize("mode", ["none", "mesh", "gs"])
+def test_two_processes_write_what_one_writes(tmp_path, expected, mode, request):
+    """Each process its own chunks ("none"), or all of them on a mesh over both ("mesh"), into a
+    shared local folder; or ("gs") each into a `gs://` folder (the stand-in bucket) from its own
+    local scratch, as hosts without a shared disk: every process ends with all the rows."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    folder = tmp_path / "s"
+    folder, out = tmp_path / "s", tmp_path / "s"
+    if mode == "gs":
+        bucket = request.getfixturevalue("bucket")  # Sets the stand-in's environment.
+        folder = "gs://bucket/s"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXSEL_DISTRIBUTED": "1",
+           "JAXSEL_COORDINATOR": f"localhost:{port}", "JAXSEL_NUM_PROCESSES": "2",
+           "STREAM_WORKER_OUT": str(out)}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.workers.stream_worker", str(folder), mode], cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAXSEL_DISTRIBUTED": "1",
-             "JAXSEL_COORDINATOR": f"localhost:{port}", "JAXSEL_NUM_PROCESSES": "2",
-             "JAXSEL_PROCESS_ID": str(i)}) for i in range(2)]
+        [sys.executable, "-m", "tests.workers.stream_worker", str(folder),
+         "mesh" if mode == "mesh" else "none"], cwd=ROOT,
+        env={**env, "JAXSEL_PROCESS_ID": str(i),
+             "JAXSEL_SCRATCH": str(tmp_path / f"host{i}")}) for i in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     chosen = stream_worker.selections(expected["y"])  # One process, whole rows at a time.
     for i in range(2):
-        found = np.load(f"{folder}.{i}.npz")
+        found = np.load(f"{out}.{i}.npz")
         for k in expected:
             np.testing.assert_array_equal(found[k], expected[k], err_msg=k)
         for k in chosen:  # The same seed, any process count and chunk size: the same ids.
             np.testing.assert_array_equal(found[k], chosen[k], err_msg=k)
-    markers = [json.loads((folder / stream.DONE / f).read_text())
-               for f in sorted(os.listdir(folder / stream.DONE))]
+    done = (bucket / "bucket" / "s" if mode == "gs" else folder) / stream.DONE
+    markers = [json.loads((done / f).read_text()) for f in sorted(os.listdir(done))]
     assert [m["rows"] for m in markers] == [[s, min(s + 8, N)] for s in range(0, N, 8)]
 
 
@@ -176,10 +185,10 @@ def test_targets_are_keyed_by_their_inputs_and_embeddings_stream(tmp_path):
 
 def test_a_remote_folder_resumes_on_another_machine_and_never_reads_bad_chunks(
         tmp_path, data, expected, bucket, monkeypatch):
-    """A `gs://` folder (an in-memory bucket): a run stopped after two chunks resumes from a
-    fresh local scratch (another machine) computing only the rest; a finished folder is read back
-    into a fresh scratch without computing; a chunk whose uploaded bytes are damaged, or that
-    lacks its marker, is computed again."""
+    """A `gs://` folder (a stand-in bucket, `tests.fake_gcs`): a run stopped after two chunks
+    resumes from a fresh local scratch (another machine) computing only the rest; a finished
+    folder is read back into a fresh scratch without computing; a chunk whose uploaded bytes are
+    damaged, or that lacks its marker, is computed again."""
     folder = "gs://bucket/runs/s"
     calls = []
 
@@ -194,8 +203,8 @@ def test_a_remote_folder_resumes_on_another_machine_and_never_reads_bad_chunks(
     with pytest.raises(KeyboardInterrupt):
         _stream(folder, data)
     monkeypatch.undo()
-    assert sorted(k for k in bucket if "/done/" in k) == [
-        f"bucket/runs/s/done/0000000{c}.json" for c in (0, 1)]
+    assert sorted(os.listdir(bucket / "bucket" / "runs" / "s" / stream.DONE)) == [
+        f"0000000{c}.json" for c in (0, 1)]
 
     def on_another_machine(name):
         monkeypatch.setenv("JAXSEL_SCRATCH", str(tmp_path / name))

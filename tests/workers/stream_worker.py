@@ -2,10 +2,13 @@
 
 `tests/test_stream.py` runs this as 2 processes on localhost (each writing its own chunks, or all
 computing every chunk on a mesh over both), and as one slow process it kills mid-run (kill -9).
-Each process then selects from the streamed `y` (`selections`), reading it in chunks of 7 rows.
+Each process then selects from the streamed `y` (`selections`), reading it in chunks of 7 rows,
+and saves both into `$STREAM_WORKER_OUT.<process>.npz` (default: beside FOLDER). A `gs://` FOLDER
+is served by the test's stand-in bucket (`tests.fake_gcs`).
 Usage: python -m tests.workers.stream_worker FOLDER (none|mesh) [SECONDS_PER_BATCH]
 """
 
+import os
 import sys
 import time
 
@@ -14,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxsel import select, sharding, similarity, stream
+from tests import fake_gcs
 from tests.workers import rowmap_worker
 
 CHUNK, BATCH = 8, 4
@@ -29,6 +33,7 @@ def slow_reader(data, seconds: float):
 
 def main():
     sharding.maybe_initialize_distributed()
+    fake_gcs.install_from_environment()
     folder, mode = sys.argv[1], sys.argv[2]
     seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     mesh = None
@@ -39,7 +44,8 @@ def main():
     found = stream.stream_rows(rowmap_worker.jitted(mesh), slow_reader(data, seconds), folder,
                                INPUTS, chunk_rows=CHUNK, batch_size=BATCH, mesh=mesh,
                                num_rows=rowmap_worker.NUM)
-    np.savez(f"{folder}.{jax.process_index()}.npz", **{k: np.asarray(v) for k, v in found.items()},
+    out = os.environ.get("STREAM_WORKER_OUT", folder)
+    np.savez(f"{out}.{jax.process_index()}.npz", **{k: np.asarray(v) for k, v in found.items()},
              **selections(found["y"], chunk_rows=7))
 
 
@@ -51,7 +57,7 @@ def selections(scores_N, chunk_rows: int = select.CHUNK_ROWS) -> dict[str, np.nd
             "gumbel_top_k": select.gumbel_top_k(scores_N, 9, seed=5, temperature=0.5,
                                                 chunk_rows=chunk_rows).ids,
             "nearest": similarity.nearest_to_target(emb_NxD, emb_NxD[:2], 9,
-                                                chunk_rows=chunk_rows).ids}
+                                                    chunk_rows=chunk_rows).ids}
 
 
 if __name__ == "__main__":
