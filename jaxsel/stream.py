@@ -153,7 +153,9 @@ def stream_rows(fn: Callable, rows: rowmap.Rows, folder: str | os.PathLike, inpu
     _sync("stream finished " + folder)
     lacking = [c for c in missing if not is_done(c)]  # Other hosts' chunks of a remote folder.
     if lacking:
-        raise RuntimeError(f"chunks {lacking[:5]} of {folder} were not written by their owners")
+        raise RuntimeError(f"chunks {lacking[:5]} of {folder} were written by other processes but "
+                           "are not visible here: a local folder must be one that every process "
+                           "shares (a shared file system), else use a gs:// folder")
     return _unflatten({name: np.load(_array_path(local, name), mmap_mode="r")
                        for name in layout})
 

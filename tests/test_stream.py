@@ -224,3 +224,13 @@ def test_a_remote_folder_resumes_on_another_machine_and_never_reads_bad_chunks(
     reads = set()
     _assert_equal(_stream(folder, data, reads), expected)
     assert reads == set(range(8, 16)) | set(range(24, 32))
+
+
+def test_chunks_another_process_wrote_where_this_one_cannot_see_are_an_error(tmp_path, data,
+                                                                                monkeypatch):
+    """As a second host with its own disk: the odd chunks belong to another process, which
+    wrote them where this one cannot see; the stream stops naming them, never returning rows
+    that were not written."""
+    monkeypatch.setattr(stream, "_owner", lambda chunk: chunk % 2 == 0)
+    with pytest.raises(RuntimeError, match=r"chunks \[1, 3\] of .* not visible here"):
+        _stream(tmp_path / "s", data)
