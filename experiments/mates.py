@@ -25,10 +25,9 @@ training, in FLOPs and seconds.
 Writes into --workdir: config.json, report.json, report.md, stages.png, and `stages/<s>-<arm>/`
 (stage 0: `stages/0`) holding the stage's `selection.json`, for MATES the selection step's
 artifacts (`jaxsel.mates`) and the candidates' encoder inputs (streamed into `rows/`), and its
-`evaluation.json`. The stages'
-training runs and their decayed copies are models of the model pool (`runs.model`, default
-`<workdir>/models`). Every artifact is written once and reused, so a killed run resumes where
-it was.
+`evaluation.json`. The stages' training runs and their decayed copies are models of the model
+pool (`runs.model`, default `<workdir>/models`). Every artifact is written once and reused, so a
+killed run resumes where it was.
 """
 
 from __future__ import annotations
@@ -135,9 +134,9 @@ def planned_overhead(config: ml_collections.ConfigDict, encoder_config) -> dict:
     m, length = config.mates, config.data.seq_len
     model_cfg = ModelConfig.from_config(config.model)
     rows = config.roles.target_items
-    reference = references.Reference(*(np.zeros((rows, config.roles.item_len or length), dtype)
-                                  for dtype in (np.int32, np.int32)),
-                                np.zeros((rows, 1), np.int32), np.ones((rows, 1), np.float32))
+    items_RxL = np.zeros((rows, config.roles.item_len or length), np.int32)
+    reference = references.Reference(items_RxL, items_RxL, np.zeros((rows, 1), np.int32),
+                                      np.ones((rows, 1), np.float32))
     tokens = mates.encoder_tokens(m)
     candidates = math.ceil(config.train.steps // m.stages * config.train.batch_size
                            / m.selection_fraction)

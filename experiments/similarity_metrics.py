@@ -375,8 +375,8 @@ class Experiment:
             kmeans = cluster.balanced_kmeans(
                 x_NxD, s.select_clusters,
                 seed=config_lib.stream_seed(self.config.seed, _SELECT_KMEANS)).assignments_N
-            labels, params = similarity.threshold_clusters(x_NxD, s.select_size, s.select_neighbors,
-                                                       progress=self.progress)
+            labels, params = similarity.threshold_clusters(
+                x_NxD, s.select_size, s.select_neighbors, progress=self.progress)
             return {"ids": self.ids["candidates"], "kmeans": kmeans, "threshold": labels,
                     "threshold_params": np.array(json.dumps(params))}
 
@@ -392,9 +392,9 @@ class Experiment:
         params = {"embedding": s.select_embedding}
         if arm == "diverse":
             clusters = self.selection_clusters()
-            chosen = similarity.one_per_cluster(self.embeddings(s.select_embedding)["candidates"],
-                                            clusters["threshold"], s.select_size,
-                                            json.loads(str(clusters["threshold_params"])))
+            chosen = similarity.one_per_cluster(
+                self.embeddings(s.select_embedding)["candidates"], clusters["threshold"],
+                s.select_size, json.loads(str(clusters["threshold_params"])))
         elif arm == "cluster_stratified":
             chosen = select.cluster_stratified(self.selection_clusters()["kmeans"],
                                                s.select_size, seed)

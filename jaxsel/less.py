@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from optax import tree_utils
 
-from jaxsel import probe, references, sharding, stream
+from jaxsel import embed, probe, references, sharding, stream
 
 ZERO_GRADIENT_SCORE = -2.0  # Below every cosine similarity.
 
@@ -82,7 +82,7 @@ def max_cosine(candidates_NxK, targets_RxK, zero_N=None) -> tuple[np.ndarray, in
     t_RxK = t_RxK[t_norms > 0] / t_norms[t_norms > 0, None]
     scores = np.full(len(candidates_NxK), ZERO_GRADIENT_SCORE)
     zeros = 0
-    chunk = max(1, (1 << 24) // t_RxK.shape[1])  # Features (memory-mapped) read 128 MB at a time.
+    chunk = embed.chunk_rows(candidates_NxK)  # Features (memory-mapped) read in chunks.
     for start in range(0, len(candidates_NxK), chunk):
         rows = slice(start, start + chunk)
         c_NxK = np.asarray(candidates_NxK[rows], np.float64)

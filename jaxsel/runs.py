@@ -68,7 +68,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     if roles.target_domain:
         r = config.roles
         items = {role: references.cloze_from_pool(pools["heldout"], roles.ids[role], count,
-                                             r.item_len)
+                                                  r.item_len)
                  for role, count in (("target", r.target_items),
                                      ("target_eval", r.target_eval_items))}
     suite = downstream.build(config, pools["heldout"], roles.ids["eval"])

@@ -193,7 +193,7 @@ class Candidates:
         """The candidate positions `similarity.dedup` keeps at `dedup_threshold`."""
         return report.cached_npz(self.path("arms", "semdedup", "kept.npz"), lambda: {
             "kept": similarity.dedup(self.embeddings()["candidates"],
-                                 self.section.dedup_threshold)})["kept"]
+                                     self.section.dedup_threshold)})["kept"]
 
     def clusters(self) -> np.ndarray:
         """Balanced k-means clusters (`section.clusters`) of the L2-normalised embeddings."""

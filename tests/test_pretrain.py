@@ -188,7 +188,8 @@ def test_a_run_and_its_pool_cache_on_gs_paths(tmp_path, bucket, monkeypatch):
     config.update_from_flattened_dict({
         "data.source": "synthetic", "data.cache_dir": "gs://bucket/cache", "data.seq_len": 64,
         "data.synthetic_docs_per_domain": 60, "model.vocab_size": 512,
-        "train.batch_size": 8, "train.steps": 4, "train.log_every": 2})
+        "train.batch_size": 8, "train.steps": 4, "train.log_every": 2,
+        "train.profile_steps": (2, 3)})
     result = launch.run_experiment(config, "gs://bucket/run", pretrain.STUDY)
     run = files.path("gs://bucket/run")
     assert report.read_json(str(run / "report.json"))["final_loss"] == result["final_loss"]
@@ -196,6 +197,9 @@ def test_a_run_and_its_pool_cache_on_gs_paths(tmp_path, bucket, monkeypatch):
     assert [r["step"] for r in report.read_jsonl(str(run / "metrics.jsonl"))] == [2, 4]
     assert [p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir()
             ] == [True]
+    traces = [os.path.join(top, name) for top, _, names in (run / "profile").walk()
+              for name in names if name.endswith(".xplane.pb")]
+    assert traces and all(files.path(f"gs://{t}").stat().length > 0 for t in traces)
     pool_folder = next(files.path("gs://bucket/cache/pools").iterdir())
     assert (pool_folder / files.COMPLETE).exists()
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from etils import epath
 
+from jaxsel import files
+
 DEFAULT_DOMAIN = "default"
 
 
@@ -70,14 +72,10 @@ def read_text(path: Path | epath.Path) -> str:
     return decode(read_bytes(path))
 
 
-def _is_local(path) -> bool:
-    return "://" not in str(path)
-
-
 def stat_key(path: Path | epath.Path) -> tuple[str, int, int]:
     """A file's path, size and modification time (ns on a local disk, as the store reports it
     elsewhere): what a cache key names a file by without reading it."""
-    if _is_local(path):
+    if not files.is_remote(path):
         st = os.stat(path)
         return str(path), st.st_size, st.st_mtime_ns
     st = epath.Path(path).stat()
@@ -140,7 +138,7 @@ def _glob(pattern: str) -> list[epath.Path]:
     """The files a path or glob names: a local one through `glob` (`**` recursive), any other
     (`gs://...`) through `epath` from the part before its first wildcard."""
     pattern = os.path.expanduser(pattern)
-    if _is_local(pattern):
+    if not files.is_remote(pattern):
         matches = glob.glob(pattern, recursive=True)
     elif not glob.has_magic(pattern):
         matches = [pattern]
